@@ -1,0 +1,238 @@
+"""Typed configuration for every model in the package.
+
+One frozen dataclass per layer kind, plus :class:`ModelConfig` for a whole decoder LM.
+Each validates itself in ``__post_init__`` and raises ``ValueError`` naming the field, so a bad
+YAML value fails at load time with a readable message instead of deep inside a trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal, Optional
+
+import jax.numpy as jnp
+
+FeedbackImpl = Literal["dense", "chunked"]
+Family = Literal["sessa", "transformer", "mamba"]
+Remat = Literal["none", "full", "dots"]
+
+_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def to_dtype(name: str):
+    """Config dtype string -> jnp dtype."""
+    return jnp.dtype(name)
+
+
+def _check_dtype(field: str, value: str) -> None:
+    if value not in _DTYPES:
+        raise ValueError(f"{field}={value!r}: expected one of {', '.join(_DTYPES)}")
+
+
+def _check_positive(field: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{field}={value!r}: expected a positive integer")
+
+
+def _check_heads(prefix: str, d_model: int, n_heads: int, n_kv_heads: Optional[int], rope: bool):
+    _check_positive(f"{prefix}d_model", d_model)
+    _check_positive(f"{prefix}n_heads", n_heads)
+    if d_model % n_heads:
+        raise ValueError(
+            f"{prefix}d_model={d_model} is not divisible by {prefix}n_heads={n_heads}"
+        )
+    if n_kv_heads is not None:
+        _check_positive(f"{prefix}n_kv_heads", n_kv_heads)
+        if n_heads % n_kv_heads:
+            raise ValueError(
+                f"{prefix}n_heads={n_heads} is not divisible by {prefix}n_kv_heads={n_kv_heads}"
+            )
+    if rope and (d_model // n_heads) % 2:
+        raise ValueError(
+            f"{prefix}use_rope=True needs an even head dim, got d_model/n_heads = "
+            f"{d_model}/{n_heads} = {d_model // n_heads}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SessaConfig:
+    """One Sessa layer (pre-norm residual block around the Sessa mixer), per SESSA_SPEC.md."""
+
+    d_model: int
+    n_heads: int
+    n_kv_heads: Optional[int] = None  # None: same as n_heads (no GQA)
+    use_rope: bool = True
+    rope_base: float = 10000.0
+    gamma_max: float = 0.999
+    ln_eps: float = 1e-5
+    feedback_impl: FeedbackImpl = "chunked"
+    chunk_size: int = 256  # rows per block of the chunked feedback solve
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        _check_heads("", self.d_model, self.n_heads, self.n_kv_heads, self.use_rope)
+        if not (isinstance(self.gamma_max, (int, float)) and 0.0 < self.gamma_max < 1.0):
+            raise ValueError(f"gamma_max={self.gamma_max!r}: expected a number in (0, 1)")
+        if self.feedback_impl not in ("dense", "chunked"):
+            raise ValueError(
+                f"feedback_impl={self.feedback_impl!r}: expected 'dense' or 'chunked'"
+            )
+        _check_positive("chunk_size", self.chunk_size)
+        if not self.ln_eps > 0:
+            raise ValueError(f"ln_eps={self.ln_eps!r}: expected a positive number")
+        _check_dtype("dtype", self.dtype)
+        _check_dtype("param_dtype", self.param_dtype)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """One pre-norm causal self-attention block (the Transformer baseline's mixer)."""
+
+    d_model: int
+    n_heads: int
+    n_kv_heads: Optional[int] = None
+    use_rope: bool = True
+    rope_base: float = 10000.0
+    ln_eps: float = 1e-5
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        _check_heads("", self.d_model, self.n_heads, self.n_kv_heads, self.use_rope)
+        _check_dtype("dtype", self.dtype)
+        _check_dtype("param_dtype", self.param_dtype)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class MambaConfig:
+    """One pre-norm Mamba-style selective SSM block (Gu & Dao 2023, 'Mamba-1' layout)."""
+
+    d_model: int
+    d_state: int = 16
+    expand: int = 2
+    d_conv: int = 4
+    dt_rank: Optional[int] = None  # None: ceil(d_model / 16)
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    ln_eps: float = 1e-5
+    scan_impl: Literal["associative", "chunked", "sequential"] = "chunked"
+    chunk_size: int = 64
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for f in ("d_model", "d_state", "expand", "d_conv", "chunk_size"):
+            _check_positive(f, getattr(self, f))
+        if self.dt_rank is not None:
+            _check_positive("dt_rank", self.dt_rank)
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ValueError(
+                f"dt_min={self.dt_min!r}, dt_max={self.dt_max!r}: expected 0 < dt_min <= dt_max"
+            )
+        if self.scan_impl not in ("associative", "chunked", "sequential"):
+            raise ValueError(
+                f"scan_impl={self.scan_impl!r}: expected 'associative', 'chunked' or 'sequential'"
+            )
+        _check_dtype("dtype", self.dtype)
+        _check_dtype("param_dtype", self.param_dtype)
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def rank(self) -> int:
+        return self.dt_rank or math.ceil(self.d_model / 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder LM: embedding -> n_layers blocks -> final LayerNorm -> LM head.
+
+    ``family`` picks the block mixer; fields that a family does not use are ignored by it.
+    """
+
+    family: Family = "sessa"
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None
+    mlp_ratio: float = 0.0  # SwiGLU hidden = mlp_ratio * d_model; 0 = no MLP sub-block
+    tie_embeddings: bool = True
+    num_classes: int = 0  # > 0 adds a classification head beside the LM head
+    use_rope: bool = True
+    rope_base: float = 10000.0
+    ln_eps: float = 1e-5
+    # Sessa
+    gamma_max: float = 0.999
+    feedback_impl: FeedbackImpl = "chunked"
+    chunk_size: int = 256
+    # Mamba-style
+    d_state: int = 16
+    expand: int = 2
+    d_conv: int = 4
+    scan_impl: Literal["associative", "chunked", "sequential"] = "chunked"
+    # execution
+    remat: Remat = "none"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.family not in ("sessa", "transformer", "mamba"):
+            raise ValueError(
+                f"family={self.family!r}: expected 'sessa', 'transformer' or 'mamba'"
+            )
+        for f in ("vocab_size", "d_model", "n_layers"):
+            _check_positive(f, getattr(self, f))
+        if not (isinstance(self.mlp_ratio, (int, float)) and self.mlp_ratio >= 0):
+            raise ValueError(f"mlp_ratio={self.mlp_ratio!r}: expected a number >= 0")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"num_classes={self.num_classes!r}: expected an integer >= 0")
+        if self.remat not in ("none", "full", "dots"):
+            raise ValueError(f"remat={self.remat!r}: expected 'none', 'full' or 'dots'")
+        self.block_config()  # validates the family's own fields, naming them
+
+    def block_config(self):
+        """The layer config of this model's mixer block."""
+        if self.family == "sessa":
+            return SessaConfig(
+                d_model=self.d_model, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+                use_rope=self.use_rope, rope_base=self.rope_base, gamma_max=self.gamma_max,
+                ln_eps=self.ln_eps, feedback_impl=self.feedback_impl,
+                chunk_size=self.chunk_size, dtype=self.dtype, param_dtype=self.param_dtype,
+            )
+        if self.family == "transformer":
+            return AttentionConfig(
+                d_model=self.d_model, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+                use_rope=self.use_rope, rope_base=self.rope_base, ln_eps=self.ln_eps,
+                dtype=self.dtype, param_dtype=self.param_dtype,
+            )
+        return MambaConfig(
+            d_model=self.d_model, d_state=self.d_state, expand=self.expand, d_conv=self.d_conv,
+            ln_eps=self.ln_eps, scan_impl=self.scan_impl, dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+    @property
+    def mlp_hidden(self) -> int:
+        # Rounded to a multiple of 8 so that tensor-parallel shards and tiles stay aligned.
+        return int(8 * math.ceil(self.mlp_ratio * self.d_model / 8)) if self.mlp_ratio else 0

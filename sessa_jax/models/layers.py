@@ -1,0 +1,69 @@
+"""Small building blocks shared by every model family.
+
+Parameters carry *logical* axis names (see :mod:`sessa_jax.models.partitioning`), never mesh
+axes: the training code maps names to a mesh with a rule table, so model code never changes
+when the mesh does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sessa_jax.models.config import to_dtype
+
+
+def torch_uniform(fan_in: int):
+    """PyTorch's default Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
+    bound = 1.0 / (fan_in ** 0.5)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def logical(init, names: Sequence[Optional[str]]):
+    """Attach logical axis names to an initializer (metadata only: no mesh needed to build)."""
+    return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
+
+
+def linear(
+    d_in: int,
+    d_out: int,
+    axes: tuple[Optional[str], Optional[str]],
+    *,
+    dtype: str,
+    param_dtype: str,
+    rngs: nnx.Rngs,
+    use_bias: bool = True,
+) -> nnx.Linear:
+    """A Linear with PyTorch-default init and logical axis names ``axes`` = (in, out)."""
+    init = torch_uniform(d_in)
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=use_bias,
+        dtype=to_dtype(dtype),
+        param_dtype=to_dtype(param_dtype),
+        kernel_init=logical(init, axes),
+        bias_init=logical(init, (axes[1],)),
+        rngs=rngs,
+    )
+
+
+def layer_norm(d: int, eps: float, *, dtype: str, param_dtype: str, rngs: nnx.Rngs):
+    """LayerNorm with learned scale (init 1) and bias (init 0), statistics in float32."""
+    return nnx.LayerNorm(
+        d,
+        epsilon=eps,
+        dtype=to_dtype(dtype),
+        param_dtype=to_dtype(param_dtype),
+        use_fast_variance=False,  # two-pass variance, as PyTorch does: needed for 1e-10 parity
+        scale_init=logical(nnx.initializers.ones_init(), ("norm",)),
+        bias_init=logical(nnx.initializers.zeros_init(), ("norm",)),
+        rngs=rngs,
+    )

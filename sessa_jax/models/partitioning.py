@@ -1,0 +1,71 @@
+"""Logical axis names used by the models, and how they map onto a device mesh.
+
+Model parameters are annotated with the names below. A *rule table* maps each name to a mesh
+axis (or a tuple of them, or None for replicated); :func:`logical_to_mesh` turns a tree of
+logical ``PartitionSpec``s into mesh ``PartitionSpec``s. Changing the parallelism plan is a
+change of rules, never of model code.
+
+Names:
+  embed  model width D            vocab  vocabulary
+  heads  query heads x head dim   kv     key/value heads x head dim
+  mlp    any inner width (MLP hidden, Sessa's in-projection, Mamba's expanded width)
+  fb     Sessa's feedback projection outputs (single full-width head)
+  state  SSM state size           conv   SSM convolution taps
+  norm   LayerNorm scale/bias     layers stacked-layer axis (scanned layers)
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence, Union
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+MeshAxes = Union[None, str, tuple[str, ...]]
+
+# FSDP shards weights' model-width axis over 'fsdp'; tensor parallelism splits inner widths.
+DEFAULT_RULES: dict[str, MeshAxes] = {
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "heads": "tensor",
+    "kv": "tensor",
+    "mlp": "tensor",
+    "fb": "tensor",
+    "state": None,
+    "conv": None,
+    "norm": None,
+    "layers": None,
+    # activations
+    "batch": ("data", "fsdp"),
+    "length": None,
+}
+
+
+def logical_to_mesh(spec: Sequence[Optional[str]], rules: Mapping[str, MeshAxes]) -> P:
+    """Map one logical spec, e.g. ('embed', 'mlp'), to a mesh PartitionSpec.
+
+    A mesh axis is used at most once per array (later uses become None), as GSPMD requires.
+    """
+    used: set[str] = set()
+    out = []
+    for name in spec:
+        axes = rules.get(name) if name is not None else None
+        if name is not None and name not in rules:
+            raise ValueError(f"logical axis {name!r} has no entry in the sharding rules")
+        if axes is None:
+            out.append(None)
+            continue
+        tup = (axes,) if isinstance(axes, str) else tuple(axes)
+        tup = tuple(a for a in tup if a not in used)
+        used.update(tup)
+        out.append(None if not tup else tup[0] if len(tup) == 1 else tup)
+    return P(*out)
+
+
+def tree_logical_to_mesh(logical_specs, rules: Mapping[str, MeshAxes]):
+    """Map a pytree of logical PartitionSpecs (from ``nnx.get_partition_spec``) to mesh specs."""
+    return jax.tree.map(
+        lambda s: logical_to_mesh(tuple(s), rules),
+        logical_specs,
+        is_leaf=lambda x: isinstance(x, P),
+    )

@@ -1,0 +1,203 @@
+"""The Sessa layer (SESSA_SPEC.md): attention placed inside a recurrent feedback path.
+
+    u = LayerNorm(x);  a, g = split(u W_in + b_in);  a = GELU(a)
+    s = SessaMixer(a);  y = x + (s * g) W_out + b_out
+
+The mixer's forward branch is causal multi-head attention (GQA, RoPE); its feedback branch is a
+single full-width strictly-causal attention whose values are the mixer's own outputs,
+s = (I - diag(gamma) alpha)^{-1} f, solved by :func:`sessa_jax.ops.feedback.feedback_solve`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from sessa_jax.models.config import SessaConfig, to_dtype
+from sessa_jax.models.layers import layer_norm, linear, logical
+from sessa_jax.ops.attention import cached_attention, causal_attention
+from sessa_jax.ops.feedback import feedback_decode_step, feedback_solve
+from sessa_jax.ops.rope import apply_rope
+
+
+@struct.dataclass
+class SessaCache:
+    """Fixed-size decoding state of one Sessa layer (so a whole generation loop jits).
+
+    k, v: (B, L, Hkv, d) forward-branch keys (after RoPE) and values; k_b: (B, L, D) feedback
+    keys; s: (B, L, D) past mixer outputs; pos: (B,) int32 tokens consumed per row.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    k_b: jax.Array
+    s: jax.Array
+    pos: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[1]
+
+
+def check_capacity(pos, n_new: int, max_len: int) -> None:
+    """Raise ValueError if writing ``n_new`` tokens at ``pos`` would overflow the cache.
+
+    Checked in Python when ``pos`` is concrete; under ``jit`` a host callback raises the same
+    message at run time (the generation loop also checks its static lengths up front).
+    """
+    msg = "decoding cache overflow: {} + {} tokens exceeds max_len={} (init_cache(max_len=...))"
+    if not isinstance(pos, jax.core.Tracer):
+        top = int(jnp.max(pos))
+        if top + n_new > max_len:
+            raise ValueError(msg.format(top, n_new, max_len))
+        return
+
+    def _raise(top):
+        if int(top) + n_new > max_len:
+            raise ValueError(msg.format(int(top), n_new, max_len))
+
+    jax.debug.callback(_raise, jnp.max(pos))
+
+
+class SessaMixer(nnx.Module):
+    """Forward attention branch + feedback solve. Input and output (B, T, D)."""
+
+    def __init__(self, cfg: SessaConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, H, Hkv, d = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.q_proj = linear(D, H * d, ("embed", "heads"), **kw)
+        self.k_proj = linear(D, Hkv * d, ("embed", "kv"), **kw)
+        self.v_proj = linear(D, Hkv * d, ("embed", "kv"), **kw)
+        # With one head the reference has no output projection (identity).
+        self.out_proj = (
+            linear(D, D, ("heads", "embed"), use_bias=False, **kw) if H > 1 else None
+        )
+        self.proj_fb = linear(D, 2 * D, ("embed", "fb"), **kw)
+        self.gamma_ctx = linear(D, 1, ("embed", None), use_bias=False, **kw)
+        self.gamma_bias = nnx.Param(
+            logical(nnx.initializers.constant(1.0), ())(
+                rngs.params(), (), to_dtype(cfg.param_dtype)
+            )
+        )
+
+    # -- pieces shared by the full-sequence, prefill and decode paths -------------------------
+
+    def _qkv(self, a, positions):
+        """a (B, T, D) -> q (B, T, H, d), k, v (B, T, Hkv, d), RoPE applied."""
+        cfg = self.cfg
+        B, T, _ = a.shape
+        q = self.q_proj(a).reshape(B, T, cfg.n_heads, cfg.head_dim)
+        k = self.k_proj(a).reshape(B, T, cfg.kv_heads, cfg.head_dim)
+        v = self.v_proj(a).reshape(B, T, cfg.kv_heads, cfg.head_dim)
+        if cfg.use_rope:
+            q = apply_rope(q, positions, cfg.rope_base)
+            k = apply_rope(k, positions, cfg.rope_base)
+        return q, k, v
+
+    def _out(self, o):
+        B, T = o.shape[:2]
+        o = o.reshape(B, T, self.cfg.d_model)
+        return self.out_proj(o) if self.out_proj is not None else o
+
+    def _feedback_inputs(self, a):
+        """a (B, T, D) -> q_b, k_b (B, T, D), gamma (B, T)."""
+        q_b, k_b = jnp.split(self.proj_fb(a), 2, axis=-1)
+        gb = self.gamma_bias[...].astype(a.dtype)
+        gamma = self.cfg.gamma_max * jnp.tanh(gb + self.gamma_ctx(a)[..., 0])
+        return q_b, k_b, gamma
+
+    # -- public ---------------------------------------------------------------------------
+
+    def __call__(self, a, *, return_state: bool = False):
+        """a: (B, T, D) -> s: (B, T, D). With return_state, also the values a cache holds."""
+        T = a.shape[1]
+        q, k, v = self._qkv(a, jnp.arange(T))
+        f = self._out(causal_attention(q, k, v))
+        q_b, k_b, gamma = self._feedback_inputs(a)
+        s = feedback_solve(
+            q_b, k_b, gamma, f, impl=self.cfg.feedback_impl, chunk_size=self.cfg.chunk_size
+        )
+        if return_state:
+            return s, (k, v, k_b)
+        return s
+
+    def decode_step(self, a_t, cache: SessaCache):
+        """a_t: (B, 1, D) at positions cache.pos -> (s_t (B, 1, D), updated cache)."""
+        pos = cache.pos
+        q, k, v = self._qkv(a_t, pos[:, None])
+        write = jax.vmap(lambda buf, x, p: jax.lax.dynamic_update_slice_in_dim(buf, x, p, 0))
+        ck = write(cache.k, k.astype(cache.k.dtype), pos)
+        cv = write(cache.v, v.astype(cache.v.dtype), pos)
+        f = self._out(cached_attention(q, ck, cv, pos))[:, 0]  # (B, D)
+        q_b, k_b, gamma = self._feedback_inputs(a_t)
+        s = feedback_decode_step(q_b[:, 0], cache.k_b, cache.s, gamma[:, 0], f, pos)
+        ckb = write(cache.k_b, k_b.astype(cache.k_b.dtype), pos)
+        cs = write(cache.s, s[:, None].astype(cache.s.dtype), pos)
+        return s[:, None], SessaCache(k=ck, v=cv, k_b=ckb, s=cs, pos=pos + 1)
+
+
+class SessaLayer(nnx.Module):
+    """Pre-norm residual Sessa block. (B, T, D) -> (B, T, D).
+
+    Decoding: ``cache = layer.init_cache(B, max_len)``; ``y, cache = layer.prefill(x, cache)``;
+    then ``y_t, cache = layer.decode_step(x_t, cache)`` with x_t of shape (B, 1, D).
+    """
+
+    def __init__(self, cfg: SessaConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D = cfg.d_model
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.ln = layer_norm(D, cfg.ln_eps, **kw)
+        self.W_in = linear(D, 2 * D, ("embed", "mlp"), **kw)
+        self.mixer = SessaMixer(cfg, rngs=rngs)
+        self.W_out = linear(D, D, ("mlp", "embed"), **kw)
+
+    def _pre(self, x):
+        a, g = jnp.split(self.W_in(self.ln(x)), 2, axis=-1)
+        return jax.nn.gelu(a, approximate=False), g
+
+    def __call__(self, x):
+        a, g = self._pre(x)
+        return x + self.W_out(self.mixer(a) * g)
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> SessaCache:
+        """An empty cache for ``batch_size`` rows of up to ``max_len`` tokens."""
+        cfg = self.cfg
+        dt = to_dtype(dtype or cfg.dtype)
+        kv = (batch_size, max_len, cfg.kv_heads, cfg.head_dim)
+        fb = (batch_size, max_len, cfg.d_model)
+        return SessaCache(
+            k=jnp.zeros(kv, dt), v=jnp.zeros(kv, dt), k_b=jnp.zeros(fb, dt),
+            s=jnp.zeros(fb, dt), pos=jnp.zeros((batch_size,), jnp.int32),
+        )
+
+    def prefill(self, x, cache: SessaCache, lengths: Optional[jax.Array] = None):
+        """Run a prompt through the layer and fill a fresh cache.
+
+        x: (B, T, D) prompts, right-padded; lengths: (B,) real lengths (default T). Outputs at
+        real positions equal the full-sequence layer (causality: pads come after them); pad
+        slots in the cache are masked out and overwritten by later decode steps.
+        """
+        B, T, _ = x.shape
+        if T > cache.max_len:
+            raise ValueError(f"prompt length {T} exceeds the cache's max_len={cache.max_len}")
+        a, g = self._pre(x)
+        s, (k, v, k_b) = self.mixer(a, return_state=True)
+        y = x + self.W_out(s * g)
+        put = lambda buf, val: jax.lax.dynamic_update_slice_in_dim(buf, val.astype(buf.dtype), 0, 1)
+        pos = jnp.full((B,), T, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+        return y, SessaCache(
+            k=put(cache.k, k), v=put(cache.v, v), k_b=put(cache.k_b, k_b), s=put(cache.s, s),
+            pos=pos,
+        )
+
+    def decode_step(self, x_t, cache: SessaCache):
+        """x_t: (B, 1, D), one new token per row -> (y_t (B, 1, D), updated cache)."""
+        check_capacity(cache.pos, 1, cache.max_len)
+        a, g = self._pre(x_t)
+        s, cache = self.mixer.decode_step(a, cache)
+        return x_t + self.W_out(s * g), cache

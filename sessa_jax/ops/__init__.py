@@ -1,0 +1,1 @@
+"""Pure functions: no parameters, no module state. Models compose these."""

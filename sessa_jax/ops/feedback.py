@@ -1,0 +1,249 @@
+"""The Sessa feedback solve: s = (I - diag(gamma) alpha)^{-1} f.
+
+    alpha[t, j] = softmax_{j < t}(q_b[t] . k_b[j] / sqrt(D))   (strictly causal; row 0 is zero)
+    s_t = f_t + gamma_t * sum_{j<t} alpha[t, j] s_j
+
+Two implementations of one function, :func:`feedback_solve`:
+
+* ``"dense"`` materialises the (B, T, T) matrix and calls a unit lower-triangular solve.
+  O(T^2) memory. It is the reference every other path is tested against; keep it simple.
+* ``"chunked"`` is blocked forward substitution over chunks of C rows (a ``lax.scan``), with a
+  custom VJP. Per chunk it computes the chunk's scores against all keys (C x T), its softmax
+  statistics (which do not depend on s), the contribution of already-solved rows as one
+  rectangular product, and a C x C unit-triangular solve. The backward pass solves the
+  transposed (anti-causal) system in reverse chunk order and forms the attention gradients in
+  the same sweep. Only s, ctx and the log-normaliser are saved: O(T * D) memory.
+
+Precision: matmul operands stay in the input dtype (bf16 allowed); scores, softmax statistics,
+the in-chunk solve and all accumulators are float32 (float64 when the inputs are float64).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.linalg import solve_triangular
+
+Impl = Literal["dense", "chunked"]
+
+
+def _acc_dtype(dtype):
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def feedback_solve(q_b, k_b, gamma, f, *, impl: Impl = "chunked", chunk_size: int = 256):
+    """Solve the Sessa feedback system.
+
+    Args:
+      q_b, k_b: (B, T, D) feedback queries and keys.
+      gamma: (B, T) per-token gain, |gamma| < 1.
+      f: (B, T, D) forward-branch output (the right-hand side).
+      impl: "dense" (reference, O(T^2) memory) or "chunked" (O(T*D) memory, custom VJP).
+      chunk_size: rows per block for "chunked"; clipped to T.
+    Returns:
+      s: (B, T, D) in f's dtype.
+    """
+    if impl == "dense":
+        return feedback_dense(q_b, k_b, gamma, f)
+    if impl == "chunked":
+        return feedback_chunked(q_b, k_b, gamma, f, chunk_size=chunk_size)
+    raise ValueError(f"feedback impl={impl!r}: expected 'dense' or 'chunked'")
+
+
+def feedback_alpha(q_b, k_b):
+    """Dense strictly-causal routing weights alpha: (B, T, T), row 0 all zero."""
+    acc = _acc_dtype(q_b.dtype)
+    T, D = q_b.shape[1], q_b.shape[2]
+    scores = jnp.einsum("btd,bsd->bts", q_b, k_b, preferred_element_type=acc) / math.sqrt(D)
+    mask = jnp.tril(jnp.ones((T, T), bool), k=-1)
+    return _masked_softmax(scores, mask)[0]
+
+
+def feedback_dense(q_b, k_b, gamma, f):
+    """Reference path: materialised alpha and a triangular solve. Shapes as feedback_solve."""
+    acc = _acc_dtype(f.dtype)
+    T = f.shape[1]
+    alpha = feedback_alpha(q_b, k_b)
+    m = jnp.eye(T, dtype=acc) - gamma.astype(acc)[..., None] * alpha
+    s = solve_triangular(m, f.astype(acc), lower=True, unit_diagonal=True)
+    return s.astype(f.dtype)
+
+
+def _masked_softmax(scores, mask):
+    """Softmax over the last axis where ``mask``; rows with no valid entry give zeros.
+
+    Returns (alpha, lse); lse is 0 on empty rows (never used there: alpha is 0).
+    """
+    m = jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1)
+    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+    e = jnp.where(mask, jnp.exp(scores - m[..., None]), 0.0)
+    l = jnp.sum(e, axis=-1)
+    l_safe = jnp.where(l > 0, l, 1.0)
+    return e / l_safe[..., None], m + jnp.log(l_safe)
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked path
+# --------------------------------------------------------------------------------------------
+
+
+def feedback_chunked(q_b, k_b, gamma, f, *, chunk_size: int = 256):
+    """Blocked O(T*D)-memory solve with a custom VJP. Shapes as :func:`feedback_solve`."""
+    B, T, D = f.shape
+    c = max(1, min(int(chunk_size), T))
+    tp = -(-T // c) * c
+    if tp != T:
+        # Zero-padding at the end is exact: causality means pads never reach real rows, and
+        # gamma = 0, f = 0 on pads keeps their own rows (and gradients) zero.
+        pad3 = ((0, 0), (0, tp - T), (0, 0))
+        q_b, k_b, f = (jnp.pad(a, pad3) for a in (q_b, k_b, f))
+        gamma = jnp.pad(gamma, ((0, 0), (0, tp - T)))
+    s = _chunked_solve(q_b, k_b, gamma, f, c)
+    return s[:, :T]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked_solve(q_b, k_b, gamma, f, c):
+    return _chunked_forward(q_b, k_b, gamma, f, c)[0]
+
+
+def _chunked_forward(q_b, k_b, gamma, f, c):
+    """Forward substitution, one chunk of c rows per scan step.
+
+    Returns s (B, Tp, D) in f's dtype, and residuals ctx (B, Tp, D) and lse (B, Tp) in the
+    accumulator dtype.
+    """
+    B, tp, D = f.shape
+    n = tp // c
+    acc = _acc_dtype(f.dtype)
+    scale = 1.0 / math.sqrt(D)
+    cols = jnp.arange(tp)
+    eye = jnp.eye(c, dtype=acc)
+
+    def step(s_buf, i):
+        start = i * c
+        rows = start + jnp.arange(c)
+        q_c = jax.lax.dynamic_slice_in_dim(q_b, start, c, axis=1)
+        f_c = jax.lax.dynamic_slice_in_dim(f, start, c, axis=1).astype(acc)
+        g_c = jax.lax.dynamic_slice_in_dim(gamma, start, c, axis=1).astype(acc)
+        scores = jnp.einsum("bcd,btd->bct", q_c, k_b, preferred_element_type=acc) * scale
+        alpha, lse = _masked_softmax(scores, cols[None, :] < rows[:, None])  # (B, c, Tp)
+        # Rows >= start are still zero in s_buf, so this sums over earlier chunks only.
+        cross = jnp.einsum(
+            "bct,btd->bcd", alpha.astype(s_buf.dtype), s_buf, preferred_element_type=acc
+        )
+        a_cc = jax.lax.dynamic_slice_in_dim(alpha, start, c, axis=2)  # (B, c, c)
+        m = eye - g_c[..., None] * a_cc
+        s_c = solve_triangular(m, f_c + g_c[..., None] * cross, lower=True, unit_diagonal=True)
+        ctx_c = cross + jnp.einsum("bij,bjd->bid", a_cc, s_c)
+        s_buf = jax.lax.dynamic_update_slice_in_dim(s_buf, s_c.astype(s_buf.dtype), start, 1)
+        return s_buf, (ctx_c, lse)
+
+    s, (ctx, lse) = jax.lax.scan(step, jnp.zeros_like(f), jnp.arange(n))
+    # scan stacks per-chunk outputs as (n, B, c, ...): back to (B, Tp, ...)
+    ctx = jnp.moveaxis(ctx, 0, 1).reshape(B, tp, D)
+    lse = jnp.moveaxis(lse, 0, 1).reshape(B, tp)
+    return s, ctx, lse
+
+
+def _chunked_fwd(q_b, k_b, gamma, f, c):
+    s, ctx, lse = _chunked_forward(q_b, k_b, gamma, f, c)
+    return s, (q_b, k_b, gamma, s, ctx, lse)
+
+
+def _chunked_bwd(c, res, g_s):
+    """Reverse sweep over chunks.
+
+    With M = I - diag(gamma) alpha and G = dL/ds:
+      df = M^{-T} G                       (anti-causal, solved chunk by chunk from the end)
+      dO_t = gamma_t df_t;  Delta_t = dO_t . ctx_t
+      dscore[t, j] = alpha[t, j] (dO_t . s_j - Delta_t)
+      dq_b = dscore k_b / sqrt(D);  dk_b = dscore^T q_b / sqrt(D);  dgamma_t = df_t . ctx_t
+    Step i handles key/column chunk i: once df is known for rows >= i*c, every row that reads
+    chunk i is known, so dk_b for the chunk is final and its dq_b contribution is pushed out.
+    """
+    q_b, k_b, gamma, s, ctx, lse = res
+    f_dtype = s.dtype  # s is returned in f's dtype
+    B, tp, D = s.shape
+    n = tp // c
+    acc = _acc_dtype(f_dtype)
+    mm = s.dtype  # matmul operand dtype
+    scale = 1.0 / math.sqrt(D)
+    rows = jnp.arange(tp)
+    eye = jnp.eye(c, dtype=acc)
+    g_s = g_s.astype(acc)
+
+    def step(carry, i):
+        d_o, delta, dq = carry  # (B,Tp,D) mm, (B,Tp) acc, (B,Tp,D) acc
+        start = i * c
+        cols_j = start + jnp.arange(c)
+        k_c = jax.lax.dynamic_slice_in_dim(k_b, start, c, axis=1)
+        s_c = jax.lax.dynamic_slice_in_dim(s, start, c, axis=1)
+        ctx_c = jax.lax.dynamic_slice_in_dim(ctx, start, c, axis=1)
+        g_c = jax.lax.dynamic_slice_in_dim(gamma, start, c, axis=1).astype(acc)
+        gs_c = jax.lax.dynamic_slice_in_dim(g_s, start, c, axis=1)
+        # alpha^T block: rows = keys j of this chunk, columns = all queries t.
+        scores_t = jnp.einsum("bjd,btd->bjt", k_c, q_b, preferred_element_type=acc) * scale
+        valid = rows[None, :] > cols_j[:, None]
+        alpha_t = jnp.where(valid, jnp.exp(scores_t - lse[:, None, :]), 0.0)  # (B, c, Tp)
+        # d_o is zero for rows < (i+1)*c not yet solved, so this reads later chunks only.
+        rhs = gs_c + jnp.einsum(
+            "bjt,btd->bjd", alpha_t.astype(mm), d_o, preferred_element_type=acc
+        )
+        a_cc = jnp.swapaxes(jax.lax.dynamic_slice_in_dim(alpha_t, start, c, axis=2), 1, 2)
+        m = eye - g_c[..., None] * a_cc
+        df_c = solve_triangular(m, rhs, lower=True, trans=1, unit_diagonal=True)
+        do_c = g_c[..., None] * df_c
+        d_o = jax.lax.dynamic_update_slice_in_dim(d_o, do_c.astype(mm), start, 1)
+        delta = jax.lax.dynamic_update_slice_in_dim(
+            delta, jnp.sum(do_c * ctx_c, axis=-1), start, 1
+        )
+        dp = jnp.einsum("bjd,btd->bjt", s_c, d_o, preferred_element_type=acc)
+        ds_t = (alpha_t * (dp - delta[:, None, :])).astype(mm)  # dscore^T block (B, c, Tp)
+        dk_c = jnp.einsum("bjt,btd->bjd", ds_t, q_b, preferred_element_type=acc) * scale
+        dq = dq + jnp.einsum("bjt,bjd->btd", ds_t, k_c, preferred_element_type=acc) * scale
+        dgamma_c = jnp.sum(df_c * ctx_c, axis=-1)
+        return (d_o, delta, dq), (df_c, dk_c, dgamma_c)
+
+    init = (
+        jnp.zeros((B, tp, D), mm),
+        jnp.zeros((B, tp), acc),
+        jnp.zeros((B, tp, D), acc),
+    )
+    (_, _, dq), (df, dk, dgamma) = jax.lax.scan(step, init, jnp.arange(n), reverse=True)
+
+    def unchunk(x):  # (n, B, c, ...) -> (B, Tp, ...)
+        return jnp.moveaxis(x, 0, 1).reshape((B, tp) + x.shape[3:])
+
+    return (
+        dq.astype(q_b.dtype),
+        unchunk(dk).astype(k_b.dtype),
+        unchunk(dgamma).astype(gamma.dtype),
+        unchunk(df).astype(f_dtype),
+    )
+
+
+_chunked_solve.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# Incremental decoding
+# --------------------------------------------------------------------------------------------
+
+
+def feedback_decode_step(q_t, k_cache, s_cache, gamma_t, f_t, pos):
+    """One new token per row against cached feedback keys and past outputs.
+
+    q_t, f_t: (B, D); k_cache, s_cache: (B, L, D); gamma_t: (B,); pos: (B,) the new token's
+    position, so slots 0..pos-1 are its past. Returns s_t (B, D); s_t = f_t when pos == 0.
+    """
+    acc = _acc_dtype(f_t.dtype)
+    L, D = k_cache.shape[1], k_cache.shape[2]
+    scores = jnp.einsum("bd,bld->bl", q_t, k_cache, preferred_element_type=acc) / math.sqrt(D)
+    alpha, _ = _masked_softmax(scores, jnp.arange(L)[None, :] < pos[:, None])
+    ctx = jnp.einsum("bl,bld->bd", alpha, s_cache.astype(acc))
+    return (f_t.astype(acc) + gamma_t.astype(acc)[:, None] * ctx).astype(f_t.dtype)

@@ -1,0 +1,39 @@
+"""Shared test helpers. Fixtures of the author's PyTorch layer live in tests/fixtures/."""
+
+import glob
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+FIXTURES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "fixtures", "sessa_layer_*.npz")))
+
+
+@pytest.fixture
+def x64():
+    """Run the test body with float64 enabled, restoring the previous setting after."""
+    with jax.enable_x64(True):
+        yield
+
+
+def rel_err(got, want) -> float:
+    """||got - want|| / ||want||, or the absolute error when ``want`` is all zeros."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    den = np.linalg.norm(want)
+    num = np.linalg.norm(got - want)
+    return float(num / den) if den > 0 else float(num)
+
+
+def fixture_config(path: str, **overrides):
+    from sessa_jax.models.config import SessaConfig
+
+    with np.load(path) as z:
+        c = json.loads(str(z["config_json"]))
+    kw = dict(
+        d_model=c["D"], n_heads=c["n_heads"], n_kv_heads=c["n_kv_heads"],
+        use_rope=c["use_forward_rope"], gamma_max=c["gamma_max"], ln_eps=c["ln_eps"],
+    )
+    kw.update(overrides)
+    return SessaConfig(**kw)
