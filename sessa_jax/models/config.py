@@ -93,6 +93,14 @@ class SessaConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    def attention(self) -> "AttentionConfig":
+        """The forward branch's attention settings."""
+        return AttentionConfig(
+            d_model=self.d_model, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+            use_rope=self.use_rope, rope_base=self.rope_base, ln_eps=self.ln_eps,
+            dtype=self.dtype, param_dtype=self.param_dtype,
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:

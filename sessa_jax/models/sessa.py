@@ -16,11 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from sessa_jax.models.attention import CausalSelfAttention, check_capacity, write_rows
 from sessa_jax.models.config import SessaConfig, to_dtype
 from sessa_jax.models.layers import layer_norm, linear, logical
-from sessa_jax.ops.attention import cached_attention, causal_attention
 from sessa_jax.ops.feedback import feedback_decode_step, feedback_solve
-from sessa_jax.ops.rope import apply_rope
 
 
 @struct.dataclass
@@ -42,40 +41,18 @@ class SessaCache:
         return self.k.shape[1]
 
 
-def check_capacity(pos, n_new: int, max_len: int) -> None:
-    """Raise ValueError if writing ``n_new`` tokens at ``pos`` would overflow the cache.
+class SessaMixer(CausalSelfAttention):
+    """Forward attention branch + feedback solve. Input and output (B, T, D).
 
-    Checked in Python when ``pos`` is concrete; under ``jit`` a host callback raises the same
-    message at run time (the generation loop also checks its static lengths up front).
+    Subclasses the shared attention module so the forward branch's parameters sit at the
+    mixer's top level (q_proj, k_proj, v_proj, out_proj), as in the reference.
     """
-    msg = "decoding cache overflow: {} + {} tokens exceeds max_len={} (init_cache(max_len=...))"
-    if not isinstance(pos, jax.core.Tracer):
-        top = int(jnp.max(pos))
-        if top + n_new > max_len:
-            raise ValueError(msg.format(top, n_new, max_len))
-        return
-
-    def _raise(top):
-        if int(top) + n_new > max_len:
-            raise ValueError(msg.format(int(top), n_new, max_len))
-
-    jax.debug.callback(_raise, jnp.max(pos))
-
-
-class SessaMixer(nnx.Module):
-    """Forward attention branch + feedback solve. Input and output (B, T, D)."""
 
     def __init__(self, cfg: SessaConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg.attention(), rngs=rngs)
         self.cfg = cfg
-        D, H, Hkv, d = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        D = cfg.d_model
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.q_proj = linear(D, H * d, ("embed", "heads"), **kw)
-        self.k_proj = linear(D, Hkv * d, ("embed", "kv"), **kw)
-        self.v_proj = linear(D, Hkv * d, ("embed", "kv"), **kw)
-        # With one head the reference has no output projection (identity).
-        self.out_proj = (
-            linear(D, D, ("heads", "embed"), use_bias=False, **kw) if H > 1 else None
-        )
         self.proj_fb = linear(D, 2 * D, ("embed", "fb"), **kw)
         self.gamma_ctx = linear(D, 1, ("embed", None), use_bias=False, **kw)
         self.gamma_bias = nnx.Param(
@@ -84,25 +61,6 @@ class SessaMixer(nnx.Module):
             )
         )
 
-    # -- pieces shared by the full-sequence, prefill and decode paths -------------------------
-
-    def _qkv(self, a, positions):
-        """a (B, T, D) -> q (B, T, H, d), k, v (B, T, Hkv, d), RoPE applied."""
-        cfg = self.cfg
-        B, T, _ = a.shape
-        q = self.q_proj(a).reshape(B, T, cfg.n_heads, cfg.head_dim)
-        k = self.k_proj(a).reshape(B, T, cfg.kv_heads, cfg.head_dim)
-        v = self.v_proj(a).reshape(B, T, cfg.kv_heads, cfg.head_dim)
-        if cfg.use_rope:
-            q = apply_rope(q, positions, cfg.rope_base)
-            k = apply_rope(k, positions, cfg.rope_base)
-        return q, k, v
-
-    def _out(self, o):
-        B, T = o.shape[:2]
-        o = o.reshape(B, T, self.cfg.d_model)
-        return self.out_proj(o) if self.out_proj is not None else o
-
     def _feedback_inputs(self, a):
         """a (B, T, D) -> q_b, k_b (B, T, D), gamma (B, T)."""
         q_b, k_b = jnp.split(self.proj_fb(a), 2, axis=-1)
@@ -110,34 +68,26 @@ class SessaMixer(nnx.Module):
         gamma = self.cfg.gamma_max * jnp.tanh(gb + self.gamma_ctx(a)[..., 0])
         return q_b, k_b, gamma
 
-    # -- public ---------------------------------------------------------------------------
-
     def __call__(self, a, *, return_state: bool = False):
         """a: (B, T, D) -> s: (B, T, D). With return_state, also the values a cache holds."""
-        T = a.shape[1]
-        q, k, v = self._qkv(a, jnp.arange(T))
-        f = self._out(causal_attention(q, k, v))
+        f, (k, v) = self.attend(a, return_kv=True)
         q_b, k_b, gamma = self._feedback_inputs(a)
         s = feedback_solve(
             q_b, k_b, gamma, f, impl=self.cfg.feedback_impl, chunk_size=self.cfg.chunk_size
         )
-        if return_state:
-            return s, (k, v, k_b)
-        return s
+        return (s, (k, v, k_b)) if return_state else s
 
     def decode_step(self, a_t, cache: SessaCache):
         """a_t: (B, 1, D) at positions cache.pos -> (s_t (B, 1, D), updated cache)."""
         pos = cache.pos
-        q, k, v = self._qkv(a_t, pos[:, None])
-        write = jax.vmap(lambda buf, x, p: jax.lax.dynamic_update_slice_in_dim(buf, x, p, 0))
-        ck = write(cache.k, k.astype(cache.k.dtype), pos)
-        cv = write(cache.v, v.astype(cache.v.dtype), pos)
-        f = self._out(cached_attention(q, ck, cv, pos))[:, 0]  # (B, D)
+        f, ck, cv = self.attend_cached(a_t, cache.k, cache.v, pos)
         q_b, k_b, gamma = self._feedback_inputs(a_t)
-        s = feedback_decode_step(q_b[:, 0], cache.k_b, cache.s, gamma[:, 0], f, pos)
-        ckb = write(cache.k_b, k_b.astype(cache.k_b.dtype), pos)
-        cs = write(cache.s, s[:, None].astype(cache.s.dtype), pos)
-        return s[:, None], SessaCache(k=ck, v=cv, k_b=ckb, s=cs, pos=pos + 1)
+        s = feedback_decode_step(q_b[:, 0], cache.k_b, cache.s, gamma[:, 0], f[:, 0], pos)
+        s = s[:, None]
+        return s, SessaCache(
+            k=ck, v=cv, k_b=write_rows(cache.k_b, k_b, pos), s=write_rows(cache.s, s, pos),
+            pos=pos + 1,
+        )
 
 
 class SessaLayer(nnx.Module):
@@ -188,11 +138,11 @@ class SessaLayer(nnx.Module):
         a, g = self._pre(x)
         s, (k, v, k_b) = self.mixer(a, return_state=True)
         y = x + self.W_out(s * g)
-        put = lambda buf, val: jax.lax.dynamic_update_slice_in_dim(buf, val.astype(buf.dtype), 0, 1)
+        zero = jnp.zeros((B,), jnp.int32)
         pos = jnp.full((B,), T, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
         return y, SessaCache(
-            k=put(cache.k, k), v=put(cache.v, v), k_b=put(cache.k_b, k_b), s=put(cache.s, s),
-            pos=pos,
+            k=write_rows(cache.k, k, zero), v=write_rows(cache.v, v, zero),
+            k_b=write_rows(cache.k_b, k_b, zero), s=write_rows(cache.s, s, zero), pos=pos,
         )
 
     def decode_step(self, x_t, cache: SessaCache):
