@@ -35,7 +35,9 @@ def _acc_dtype(dtype):
     return jnp.float64 if dtype == jnp.float64 else jnp.float32
 
 
-def feedback_solve(q_b, k_b, gamma, f, *, impl: Impl = "chunked", chunk_size: int = 256):
+def feedback_solve(
+    q_b, k_b, gamma, f, *, impl: Impl = "chunked", chunk_size: int = 256, segments: int = 4
+):
     """Solve the Sessa feedback system.
 
     Args:
@@ -44,13 +46,14 @@ def feedback_solve(q_b, k_b, gamma, f, *, impl: Impl = "chunked", chunk_size: in
       f: (B, T, D) forward-branch output (the right-hand side).
       impl: "dense" (reference, O(T^2) memory) or "chunked" (O(T*D) memory, custom VJP).
       chunk_size: rows per block for "chunked"; clipped to T.
+      segments: scans the chunk sweep is split into (see :func:`feedback_chunked`).
     Returns:
       s: (B, T, D) in f's dtype.
     """
     if impl == "dense":
         return feedback_dense(q_b, k_b, gamma, f)
     if impl == "chunked":
-        return feedback_chunked(q_b, k_b, gamma, f, chunk_size=chunk_size)
+        return feedback_chunked(q_b, k_b, gamma, f, chunk_size=chunk_size, segments=segments)
     raise ValueError(f"feedback impl={impl!r}: expected 'dense' or 'chunked'")
 
 
@@ -91,8 +94,13 @@ def _masked_softmax(scores, mask):
 # --------------------------------------------------------------------------------------------
 
 
-def feedback_chunked(q_b, k_b, gamma, f, *, chunk_size: int = 256):
-    """Blocked O(T*D)-memory solve with a custom VJP. Shapes as :func:`feedback_solve`."""
+def feedback_chunked(q_b, k_b, gamma, f, *, chunk_size: int = 256, segments: int = 4):
+    """Blocked O(T*D)-memory solve with a custom VJP. Shapes as :func:`feedback_solve`.
+
+    ``segments`` splits the chunk sweep into that many scans, each reading only the keys its
+    rows can see (a static prefix), so the causal half of the score matrix is mostly skipped:
+    work is (1 + 1/segments)/2 of the full rectangle instead of all of it.
+    """
     B, T, D = f.shape
     c = max(1, min(int(chunk_size), T))
     tp = -(-T // c) * c
@@ -102,60 +110,74 @@ def feedback_chunked(q_b, k_b, gamma, f, *, chunk_size: int = 256):
         pad3 = ((0, 0), (0, tp - T), (0, 0))
         q_b, k_b, f = (jnp.pad(a, pad3) for a in (q_b, k_b, f))
         gamma = jnp.pad(gamma, ((0, 0), (0, tp - T)))
-    s = _chunked_solve(q_b, k_b, gamma, f, c)
+    n = tp // c
+    nseg = max(1, min(int(segments), n))
+    edges = tuple(round(n * i / nseg) for i in range(nseg + 1))  # chunk index boundaries
+    s = _chunked_solve(q_b, k_b, gamma, f, c, edges)
     return s[:, :T]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunked_solve(q_b, k_b, gamma, f, c):
-    return _chunked_forward(q_b, k_b, gamma, f, c)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked_solve(q_b, k_b, gamma, f, c, edges):
+    return _chunked_forward(q_b, k_b, gamma, f, c, edges)[0]
 
 
-def _chunked_forward(q_b, k_b, gamma, f, c):
+def _chunked_forward(q_b, k_b, gamma, f, c, edges):
     """Forward substitution, one chunk of c rows per scan step.
 
+    Segment [a, b) of chunks is one ``lax.scan`` whose rows only see keys < b*c.
     Returns s (B, Tp, D) in f's dtype, and residuals ctx (B, Tp, D) and lse (B, Tp) in the
     accumulator dtype.
     """
     B, tp, D = f.shape
-    n = tp // c
     acc = _acc_dtype(f.dtype)
     scale = 1.0 / math.sqrt(D)
-    cols = jnp.arange(tp)
     eye = jnp.eye(c, dtype=acc)
 
-    def step(s_buf, i):
-        start = i * c
-        rows = start + jnp.arange(c)
-        q_c = jax.lax.dynamic_slice_in_dim(q_b, start, c, axis=1)
-        f_c = jax.lax.dynamic_slice_in_dim(f, start, c, axis=1).astype(acc)
-        g_c = jax.lax.dynamic_slice_in_dim(gamma, start, c, axis=1).astype(acc)
-        scores = jnp.einsum("bcd,btd->bct", q_c, k_b, preferred_element_type=acc) * scale
-        alpha, lse = _masked_softmax(scores, cols[None, :] < rows[:, None])  # (B, c, Tp)
-        # Rows >= start are still zero in s_buf, so this sums over earlier chunks only.
-        cross = jnp.einsum(
-            "bct,btd->bcd", alpha.astype(s_buf.dtype), s_buf, preferred_element_type=acc
-        )
-        a_cc = jax.lax.dynamic_slice_in_dim(alpha, start, c, axis=2)  # (B, c, c)
-        m = eye - g_c[..., None] * a_cc
-        s_c = solve_triangular(m, f_c + g_c[..., None] * cross, lower=True, unit_diagonal=True)
-        ctx_c = cross + jnp.einsum("bij,bjd->bid", a_cc, s_c)
-        s_buf = jax.lax.dynamic_update_slice_in_dim(s_buf, s_c.astype(s_buf.dtype), start, 1)
-        return s_buf, (ctx_c, lse)
+    def make_step(kp):
+        k_seg = k_b[:, :kp]
+        cols = jnp.arange(kp)
 
-    s, (ctx, lse) = jax.lax.scan(step, jnp.zeros_like(f), jnp.arange(n))
+        def step(s_buf, i):
+            start = i * c
+            rows = start + jnp.arange(c)
+            q_c = jax.lax.dynamic_slice_in_dim(q_b, start, c, axis=1)
+            f_c = jax.lax.dynamic_slice_in_dim(f, start, c, axis=1).astype(acc)
+            g_c = jax.lax.dynamic_slice_in_dim(gamma, start, c, axis=1).astype(acc)
+            scores = jnp.einsum("bcd,btd->bct", q_c, k_seg, preferred_element_type=acc) * scale
+            alpha, lse = _masked_softmax(scores, cols[None, :] < rows[:, None])  # (B, c, kp)
+            # Rows >= start are still zero in s_buf, so this sums over earlier chunks only.
+            cross = jnp.einsum(
+                "bct,btd->bcd", alpha.astype(s_buf.dtype), s_buf[:, :kp],
+                preferred_element_type=acc,
+            )
+            a_cc = jax.lax.dynamic_slice_in_dim(alpha, start, c, axis=2)  # (B, c, c)
+            m = eye - g_c[..., None] * a_cc
+            s_c = solve_triangular(m, f_c + g_c[..., None] * cross, lower=True, unit_diagonal=True)
+            ctx_c = cross + jnp.einsum("bij,bjd->bid", a_cc, s_c)
+            s_buf = jax.lax.dynamic_update_slice_in_dim(s_buf, s_c.astype(s_buf.dtype), start, 1)
+            return s_buf, (ctx_c, lse)
+
+        return step
+
+    s = jnp.zeros_like(f)
+    ctxs, lses = [], []
+    for a, b in zip(edges[:-1], edges[1:]):
+        s, (ctx, lse) = jax.lax.scan(make_step(b * c), s, jnp.arange(a, b))
+        ctxs.append(ctx)
+        lses.append(lse)
     # scan stacks per-chunk outputs as (n, B, c, ...): back to (B, Tp, ...)
-    ctx = jnp.moveaxis(ctx, 0, 1).reshape(B, tp, D)
-    lse = jnp.moveaxis(lse, 0, 1).reshape(B, tp)
+    ctx = jnp.moveaxis(jnp.concatenate(ctxs), 0, 1).reshape(B, tp, D)
+    lse = jnp.moveaxis(jnp.concatenate(lses), 0, 1).reshape(B, tp)
     return s, ctx, lse
 
 
-def _chunked_fwd(q_b, k_b, gamma, f, c):
-    s, ctx, lse = _chunked_forward(q_b, k_b, gamma, f, c)
+def _chunked_fwd(q_b, k_b, gamma, f, c, edges):
+    s, ctx, lse = _chunked_forward(q_b, k_b, gamma, f, c, edges)
     return s, (q_b, k_b, gamma, s, ctx, lse)
 
 
-def _chunked_bwd(c, res, g_s):
+def _chunked_bwd(c, edges, res, g_s):
     """Reverse sweep over chunks.
 
     With M = I - diag(gamma) alpha and G = dL/ds:
@@ -165,56 +187,71 @@ def _chunked_bwd(c, res, g_s):
       dq_b = dscore k_b / sqrt(D);  dk_b = dscore^T q_b / sqrt(D);  dgamma_t = df_t . ctx_t
     Step i handles key/column chunk i: once df is known for rows >= i*c, every row that reads
     chunk i is known, so dk_b for the chunk is final and its dq_b contribution is pushed out.
+    Segment [a, b) only touches query rows >= a*c, the rows that can read its keys.
     """
     q_b, k_b, gamma, s, ctx, lse = res
     f_dtype = s.dtype  # s is returned in f's dtype
     B, tp, D = s.shape
-    n = tp // c
     acc = _acc_dtype(f_dtype)
     mm = s.dtype  # matmul operand dtype
     scale = 1.0 / math.sqrt(D)
-    rows = jnp.arange(tp)
     eye = jnp.eye(c, dtype=acc)
     g_s = g_s.astype(acc)
 
-    def step(carry, i):
-        d_o, delta, dq = carry  # (B,Tp,D) mm, (B,Tp) acc, (B,Tp,D) acc
-        start = i * c
-        cols_j = start + jnp.arange(c)
-        k_c = jax.lax.dynamic_slice_in_dim(k_b, start, c, axis=1)
-        s_c = jax.lax.dynamic_slice_in_dim(s, start, c, axis=1)
-        ctx_c = jax.lax.dynamic_slice_in_dim(ctx, start, c, axis=1)
-        g_c = jax.lax.dynamic_slice_in_dim(gamma, start, c, axis=1).astype(acc)
-        gs_c = jax.lax.dynamic_slice_in_dim(g_s, start, c, axis=1)
-        # alpha^T block: rows = keys j of this chunk, columns = all queries t.
-        scores_t = jnp.einsum("bjd,btd->bjt", k_c, q_b, preferred_element_type=acc) * scale
-        valid = rows[None, :] > cols_j[:, None]
-        alpha_t = jnp.where(valid, jnp.exp(scores_t - lse[:, None, :]), 0.0)  # (B, c, Tp)
-        # d_o is zero for rows < (i+1)*c not yet solved, so this reads later chunks only.
-        rhs = gs_c + jnp.einsum(
-            "bjt,btd->bjd", alpha_t.astype(mm), d_o, preferred_element_type=acc
-        )
-        a_cc = jnp.swapaxes(jax.lax.dynamic_slice_in_dim(alpha_t, start, c, axis=2), 1, 2)
-        m = eye - g_c[..., None] * a_cc
-        df_c = solve_triangular(m, rhs, lower=True, trans=1, unit_diagonal=True)
-        do_c = g_c[..., None] * df_c
-        d_o = jax.lax.dynamic_update_slice_in_dim(d_o, do_c.astype(mm), start, 1)
-        delta = jax.lax.dynamic_update_slice_in_dim(
-            delta, jnp.sum(do_c * ctx_c, axis=-1), start, 1
-        )
-        dp = jnp.einsum("bjd,btd->bjt", s_c, d_o, preferred_element_type=acc)
-        ds_t = (alpha_t * (dp - delta[:, None, :])).astype(mm)  # dscore^T block (B, c, Tp)
-        dk_c = jnp.einsum("bjt,btd->bjd", ds_t, q_b, preferred_element_type=acc) * scale
-        dq = dq + jnp.einsum("bjt,bjd->btd", ds_t, k_c, preferred_element_type=acc) * scale
-        dgamma_c = jnp.sum(df_c * ctx_c, axis=-1)
-        return (d_o, delta, dq), (df_c, dk_c, dgamma_c)
+    def make_step(r0):
+        q_seg, lse_seg = q_b[:, r0:], lse[:, r0:]
+        rows = r0 + jnp.arange(tp - r0)
 
-    init = (
-        jnp.zeros((B, tp, D), mm),
-        jnp.zeros((B, tp), acc),
-        jnp.zeros((B, tp, D), acc),
-    )
-    (_, _, dq), (df, dk, dgamma) = jax.lax.scan(step, init, jnp.arange(n), reverse=True)
+        def step(carry, i):
+            d_o, delta, dq = carry  # (B,Tp-r0,D) mm, (B,Tp-r0) acc, (B,Tp-r0,D) acc
+            start = i * c
+            cols_j = start + jnp.arange(c)
+            k_c = jax.lax.dynamic_slice_in_dim(k_b, start, c, axis=1)
+            s_c = jax.lax.dynamic_slice_in_dim(s, start, c, axis=1)
+            ctx_c = jax.lax.dynamic_slice_in_dim(ctx, start, c, axis=1)
+            g_c = jax.lax.dynamic_slice_in_dim(gamma, start, c, axis=1).astype(acc)
+            gs_c = jax.lax.dynamic_slice_in_dim(g_s, start, c, axis=1)
+            # alpha^T block: rows = keys j of this chunk, columns = queries t >= r0.
+            scores_t = jnp.einsum("bjd,btd->bjt", k_c, q_seg, preferred_element_type=acc) * scale
+            valid = rows[None, :] > cols_j[:, None]
+            alpha_t = jnp.where(valid, jnp.exp(scores_t - lse_seg[:, None, :]), 0.0)
+            # d_o is zero on rows not yet solved, so this reads later chunks only.
+            rhs = gs_c + jnp.einsum(
+                "bjt,btd->bjd", alpha_t.astype(mm), d_o, preferred_element_type=acc
+            )
+            local = start - r0
+            a_cc = jnp.swapaxes(jax.lax.dynamic_slice_in_dim(alpha_t, local, c, axis=2), 1, 2)
+            m = eye - g_c[..., None] * a_cc
+            df_c = solve_triangular(m, rhs, lower=True, trans=1, unit_diagonal=True)
+            do_c = g_c[..., None] * df_c
+            d_o = jax.lax.dynamic_update_slice_in_dim(d_o, do_c.astype(mm), local, 1)
+            delta = jax.lax.dynamic_update_slice_in_dim(
+                delta, jnp.sum(do_c * ctx_c, axis=-1), local, 1
+            )
+            dp = jnp.einsum("bjd,btd->bjt", s_c, d_o, preferred_element_type=acc)
+            ds_t = (alpha_t * (dp - delta[:, None, :])).astype(mm)  # dscore^T block
+            dk_c = jnp.einsum("bjt,btd->bjd", ds_t, q_seg, preferred_element_type=acc) * scale
+            dq = dq + jnp.einsum("bjt,bjd->btd", ds_t, k_c, preferred_element_type=acc) * scale
+            dgamma_c = jnp.sum(df_c * ctx_c, axis=-1)
+            return (d_o, delta, dq), (df_c, dk_c, dgamma_c)
+
+        return step
+
+    d_o = jnp.zeros((B, tp, D), mm)
+    delta = jnp.zeros((B, tp), acc)
+    dq = jnp.zeros((B, tp, D), acc)
+    outs = []
+    for a, b in reversed(list(zip(edges[:-1], edges[1:]))):
+        r0 = a * c
+        carry = (d_o[:, r0:], delta[:, r0:], dq[:, r0:])
+        (d_o_seg, delta_seg, dq_seg), out = jax.lax.scan(
+            make_step(r0), carry, jnp.arange(a, b), reverse=True
+        )
+        d_o = d_o.at[:, r0:].set(d_o_seg)
+        delta = delta.at[:, r0:].set(delta_seg)
+        dq = dq.at[:, r0:].set(dq_seg)
+        outs.insert(0, out)
+    df, dk, dgamma = (jnp.concatenate(parts) for parts in zip(*outs))
 
     def unchunk(x):  # (n, B, c, ...) -> (B, Tp, ...)
         return jnp.moveaxis(x, 0, 1).reshape((B, tp) + x.shape[3:])
