@@ -7,12 +7,15 @@ Two implementations of one function, :func:`feedback_solve`:
 
 * ``"dense"`` materialises the (B, T, T) matrix and calls a unit lower-triangular solve.
   O(T^2) memory. It is the reference every other path is tested against; keep it simple.
-* ``"chunked"`` is blocked forward substitution over chunks of C rows (a ``lax.scan``), with a
-  custom VJP. Per chunk it computes the chunk's scores against all keys (C x T), its softmax
-  statistics (which do not depend on s), the contribution of already-solved rows as one
-  rectangular product, and a C x C unit-triangular solve. The backward pass solves the
-  transposed (anti-causal) system in reverse chunk order and forms the attention gradients in
-  the same sweep. Only s, ctx and the log-normaliser are saved: O(T * D) memory.
+* ``"chunked"`` is blocked forward substitution over chunks of C rows with a custom VJP.
+  Pass 1 (no dependence on s) computes every row's softmax log-normaliser, every C x C
+  diagonal block of alpha, and inverts all the blocks (I - diag(gamma_c) A_cc) in one batched
+  triangular solve. Pass 2 is a ``lax.scan`` over chunks that only multiplies: the chunk's
+  scores against visible keys (C x T), its routing weights from the known normaliser, the
+  contribution of already-solved rows as one rectangular product, and the block inverse.
+  The backward pass solves the transposed (anti-causal) system in reverse chunk order with the
+  same block inverses and forms the attention gradients in the same sweep. Saved: s, ctx, the
+  log-normaliser and the block inverses, O(T * (D + C)) memory.
 
 Precision: matmul operands stay in the input dtype (bf16 allowed); scores, softmax statistics,
 the in-chunk solve and all accumulators are float32 (float64 when the inputs are float64).
@@ -76,6 +79,19 @@ def feedback_dense(q_b, k_b, gamma, f):
     return s.astype(f.dtype)
 
 
+def _masked_exp(scores, mask):
+    """Unnormalised masked softmax: (e, l, lse) with alpha = e / l[..., None].
+
+    l is 1 on rows with no valid entry (where e is all zero), so dividing is always safe.
+    """
+    m = jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.where(mask, jnp.exp(scores - m[..., None]), 0.0)
+    l = jnp.sum(e, axis=-1)
+    l = jnp.where(l > 0, l, 1.0)
+    return e, l, m + jnp.log(l)
+
+
 def _masked_softmax(scores, mask):
     """Softmax over the last axis where ``mask``; rows with no valid entry give zeros.
 
@@ -122,17 +138,65 @@ def _chunked_solve(q_b, k_b, gamma, f, c, edges):
     return _chunked_forward(q_b, k_b, gamma, f, c, edges)[0]
 
 
+def _diag_blocks(q_b, k_b, gamma, c, edges):
+    """Pass 1 (no dependence on s): row statistics and the inverted diagonal blocks.
+
+    For every chunk: its rows' log-normaliser lse over all visible keys, its diagonal block
+    A_cc of alpha, and inv_c = (I - diag(gamma_c) A_cc)^{-1}. The inverses of all chunks come
+    from ONE batched triangular solve, so the sequential sweeps need matmuls only (a solve per
+    scan step was most of the device time on an H100: small cuBLAS trsm launches).
+    Returns lse (B, n, c), a_cc (B, n, c, c), inv (B, n, c, c), all in the accumulator dtype.
+    """
+    B, tp, D = q_b.shape
+    acc = _acc_dtype(q_b.dtype)
+    scale = 1.0 / math.sqrt(D)
+
+    def make_step(kp):
+        k_seg = k_b[:, :kp]
+        cols = jnp.arange(kp)
+
+        def step(_, i):
+            start = i * c
+            rows = start + jnp.arange(c)
+            q_c = jax.lax.dynamic_slice_in_dim(q_b, start, c, axis=1)
+            scores = jnp.einsum("bcd,btd->bct", q_c, k_seg, preferred_element_type=acc) * scale
+            e, l, lse = _masked_exp(scores, cols[None, :] < rows[:, None])
+            a_cc = jax.lax.dynamic_slice_in_dim(e, start, c, axis=2) / l[..., None]
+            return None, (lse, a_cc)
+
+        return step
+
+    lses, blocks = [], []
+    for a, b in zip(edges[:-1], edges[1:]):
+        _, (lse, a_cc) = jax.lax.scan(make_step(b * c), None, jnp.arange(a, b))
+        lses.append(lse)
+        blocks.append(a_cc)
+    lse = jnp.moveaxis(jnp.concatenate(lses), 0, 1)  # (B, n, c)
+    a_cc = jnp.moveaxis(jnp.concatenate(blocks), 0, 1)  # (B, n, c, c)
+    g = gamma.reshape(B, -1, c).astype(acc)
+    m = jnp.eye(c, dtype=acc) - g[..., None] * a_cc
+    eye = jnp.broadcast_to(jnp.eye(c, dtype=acc), m.shape)
+    inv = solve_triangular(m, eye, lower=True, unit_diagonal=True)
+    return lse, a_cc, inv
+
+
+def _mm32(spec, a, b):
+    """A small float32/64 product at full precision (no TF32 on GPUs): the in-chunk algebra."""
+    return jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 def _chunked_forward(q_b, k_b, gamma, f, c, edges):
     """Forward substitution, one chunk of c rows per scan step.
 
     Segment [a, b) of chunks is one ``lax.scan`` whose rows only see keys < b*c.
-    Returns s (B, Tp, D) in f's dtype, and residuals ctx (B, Tp, D) and lse (B, Tp) in the
-    accumulator dtype.
+    Returns s (B, Tp, D) in f's dtype, and residuals ctx (B, Tp, D), lse (B, Tp) and the
+    inverted diagonal blocks (B, n, c, c) in the accumulator dtype.
     """
     B, tp, D = f.shape
     acc = _acc_dtype(f.dtype)
     scale = 1.0 / math.sqrt(D)
-    eye = jnp.eye(c, dtype=acc)
+    lse_all, a_all, inv_all = _diag_blocks(q_b, k_b, gamma, c, edges)
+    lse_flat = lse_all.reshape(B, tp)
 
     def make_step(kp):
         k_seg = k_b[:, :kp]
@@ -144,37 +208,37 @@ def _chunked_forward(q_b, k_b, gamma, f, c, edges):
             q_c = jax.lax.dynamic_slice_in_dim(q_b, start, c, axis=1)
             f_c = jax.lax.dynamic_slice_in_dim(f, start, c, axis=1).astype(acc)
             g_c = jax.lax.dynamic_slice_in_dim(gamma, start, c, axis=1).astype(acc)
+            lse_c = jax.lax.dynamic_slice_in_dim(lse_flat, start, c, axis=1)
             scores = jnp.einsum("bcd,btd->bct", q_c, k_seg, preferred_element_type=acc) * scale
-            alpha, lse = _masked_softmax(scores, cols[None, :] < rows[:, None])  # (B, c, kp)
+            valid = cols[None, :] < rows[:, None]
+            alpha = jnp.where(valid, jnp.exp(scores - lse_c[..., None]), 0.0)
             # Rows >= start are still zero in s_buf, so this sums over earlier chunks only.
             cross = jnp.einsum(
                 "bct,btd->bcd", alpha.astype(s_buf.dtype), s_buf[:, :kp],
                 preferred_element_type=acc,
             )
-            a_cc = jax.lax.dynamic_slice_in_dim(alpha, start, c, axis=2)  # (B, c, c)
-            m = eye - g_c[..., None] * a_cc
-            s_c = solve_triangular(m, f_c + g_c[..., None] * cross, lower=True, unit_diagonal=True)
-            ctx_c = cross + jnp.einsum("bij,bjd->bid", a_cc, s_c)
+            a_cc = jax.lax.dynamic_index_in_dim(a_all, i, axis=1, keepdims=False)
+            inv_c = jax.lax.dynamic_index_in_dim(inv_all, i, axis=1, keepdims=False)
+            s_c = _mm32("bij,bjd->bid", inv_c, f_c + g_c[..., None] * cross)
+            ctx_c = cross + _mm32("bij,bjd->bid", a_cc, s_c)
             s_buf = jax.lax.dynamic_update_slice_in_dim(s_buf, s_c.astype(s_buf.dtype), start, 1)
-            return s_buf, (ctx_c, lse)
+            return s_buf, ctx_c
 
         return step
 
     s = jnp.zeros_like(f)
-    ctxs, lses = [], []
+    ctxs = []
     for a, b in zip(edges[:-1], edges[1:]):
-        s, (ctx, lse) = jax.lax.scan(make_step(b * c), s, jnp.arange(a, b))
+        s, ctx = jax.lax.scan(make_step(b * c), s, jnp.arange(a, b))
         ctxs.append(ctx)
-        lses.append(lse)
     # scan stacks per-chunk outputs as (n, B, c, ...): back to (B, Tp, ...)
     ctx = jnp.moveaxis(jnp.concatenate(ctxs), 0, 1).reshape(B, tp, D)
-    lse = jnp.moveaxis(jnp.concatenate(lses), 0, 1).reshape(B, tp)
-    return s, ctx, lse
+    return s, ctx, lse_flat, inv_all
 
 
 def _chunked_fwd(q_b, k_b, gamma, f, c, edges):
-    s, ctx, lse = _chunked_forward(q_b, k_b, gamma, f, c, edges)
-    return s, (q_b, k_b, gamma, s, ctx, lse)
+    s, ctx, lse, inv = _chunked_forward(q_b, k_b, gamma, f, c, edges)
+    return s, (q_b, k_b, gamma, s, ctx, lse, inv)
 
 
 def _chunked_bwd(c, edges, res, g_s):
@@ -189,13 +253,12 @@ def _chunked_bwd(c, edges, res, g_s):
     chunk i is known, so dk_b for the chunk is final and its dq_b contribution is pushed out.
     Segment [a, b) only touches query rows >= a*c, the rows that can read its keys.
     """
-    q_b, k_b, gamma, s, ctx, lse = res
+    q_b, k_b, gamma, s, ctx, lse, inv_all = res
     f_dtype = s.dtype  # s is returned in f's dtype
     B, tp, D = s.shape
     acc = _acc_dtype(f_dtype)
     mm = s.dtype  # matmul operand dtype
     scale = 1.0 / math.sqrt(D)
-    eye = jnp.eye(c, dtype=acc)
     g_s = g_s.astype(acc)
 
     def make_step(r0):
@@ -220,9 +283,8 @@ def _chunked_bwd(c, edges, res, g_s):
                 "bjt,btd->bjd", alpha_t.astype(mm), d_o, preferred_element_type=acc
             )
             local = start - r0
-            a_cc = jnp.swapaxes(jax.lax.dynamic_slice_in_dim(alpha_t, local, c, axis=2), 1, 2)
-            m = eye - g_c[..., None] * a_cc
-            df_c = solve_triangular(m, rhs, lower=True, trans=1, unit_diagonal=True)
+            inv_c = jax.lax.dynamic_index_in_dim(inv_all, i, axis=1, keepdims=False)
+            df_c = _mm32("bji,bjd->bid", inv_c, rhs)  # (I - diag(g) A_cc)^{-T} rhs
             do_c = g_c[..., None] * df_c
             d_o = jax.lax.dynamic_update_slice_in_dim(d_o, do_c.astype(mm), local, 1)
             delta = jax.lax.dynamic_update_slice_in_dim(
