@@ -132,8 +132,9 @@ class AttentionBlock(nnx.Module):
         return x + o, AttentionCache(k=write_rows(cache.k, k, zero),
                                      v=write_rows(cache.v, v, zero), pos=pos)
 
-    def decode_step(self, x_t, cache: AttentionCache):
-        """x_t (B, 1, D) -> (y_t (B, 1, D), cache)."""
-        check_capacity(cache.pos, 1, cache.max_len)
+    def decode_step(self, x_t, cache: AttentionCache, *, check: bool = True):
+        """x_t (B, 1, D) -> (y_t (B, 1, D), cache). ``check`` as in SessaLayer.decode_step."""
+        if check:
+            check_capacity(cache.pos, 1, cache.max_len)
         o, k, v = self.attn.attend_cached(self.ln(x_t), cache.k, cache.v, cache.pos)
         return x_t + o, AttentionCache(k=k, v=v, pos=cache.pos + 1)

@@ -64,8 +64,8 @@ class Block(nnx.Module):
         x, cache = self.mixer.prefill(x, cache, lengths)
         return (self.mlp(x) if self.mlp is not None else x), cache
 
-    def decode_step(self, x_t, cache):
-        x_t, cache = self.mixer.decode_step(x_t, cache)
+    def decode_step(self, x_t, cache, *, check: bool = True):
+        x_t, cache = self.mixer.decode_step(x_t, cache, check=check)
         return (self.mlp(x_t) if self.mlp is not None else x_t), cache
 
 
@@ -139,12 +139,15 @@ class DecoderLM(nnx.Module):
             new.append(c)
         return self.logits(self.ln_f(x)), new
 
-    def decode_step(self, token, cache):
-        """token (B,) int, one per row -> (logits (B, V), cache)."""
+    def decode_step(self, token, cache, *, check: bool = True):
+        """token (B,) int, one per row -> (logits (B, V), cache).
+
+        ``check=False`` skips the per-step cache overflow check (a host callback under jit).
+        """
         x = self.embed(token[:, None])
         new = []
         for block, c in zip(self.blocks, cache):
-            x, c = block.decode_step(x, c)
+            x, c = block.decode_step(x, c, check=check)
             new.append(c)
         return self.logits(self.ln_f(x))[:, 0], new
 

@@ -208,7 +208,10 @@ class MambaBlock(nnx.Module):
         )
         return x + out.astype(x.dtype), new
 
-    def decode_step(self, x_t: jax.Array, cache: MambaCache) -> tuple[jax.Array, MambaCache]:
+    def decode_step(
+        self, x_t: jax.Array, cache: MambaCache, *, check: bool = True
+    ) -> tuple[jax.Array, MambaCache]:
+        # ``check`` is accepted for interface uniformity: an SSM state has no length limit.
         """One token per row: x_t (B, 1, D) -> y_t (B, 1, D) and the advanced cache."""
         E = self.cfg.d_inner
         u = self.norm(x_t)[:, 0]  # (B, D)

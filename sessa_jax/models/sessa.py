@@ -145,9 +145,14 @@ class SessaLayer(nnx.Module):
             k_b=write_rows(cache.k_b, k_b, zero), s=write_rows(cache.s, s, zero), pos=pos,
         )
 
-    def decode_step(self, x_t, cache: SessaCache):
-        """x_t: (B, 1, D), one new token per row -> (y_t (B, 1, D), updated cache)."""
-        check_capacity(cache.pos, 1, cache.max_len)
+    def decode_step(self, x_t, cache: SessaCache, *, check: bool = True):
+        """x_t: (B, 1, D), one new token per row -> (y_t (B, 1, D), updated cache).
+
+        ``check=False`` skips the overflow check (a host callback under jit) for callers that
+        have checked their lengths up front, like :func:`sessa_jax.generate.generate`.
+        """
+        if check:
+            check_capacity(cache.pos, 1, cache.max_len)
         a, g = self._pre(x_t)
         s, cache = self.mixer.decode_step(a, cache)
         return x_t + self.W_out(s * g), cache
