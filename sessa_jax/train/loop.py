@@ -1,0 +1,391 @@
+"""The training loop and checkpoint evaluation.
+
+Data flows one way: config -> data + model -> step -> checkpoints/metrics.
+
+``train(cfg)`` builds the mesh and state (fresh, or restored from the newest readable checkpoint
+in ``run.output_dir``), then runs ``run.steps`` steps. Metrics of step k are read from the device
+after step k+1 is dispatched, so the host never stalls the device except on log/eval/save steps.
+
+SIGTERM/SIGINT: the current step finishes, a checkpoint is written and waited for, and ``train``
+returns with ``stopped_by`` set (the CLI exits 0 for SIGTERM, 130 for SIGINT). A second SIGINT
+interrupts at once.
+
+``SESSA_DEBUG_STEP_SLEEP`` (seconds, environment) sleeps after every step: a test hook that
+makes tiny runs slow enough to be interrupted at a chosen point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+
+from sessa_jax.data import batches, eval_batches, num_eval_batches
+from sessa_jax.train.checkpoint import Checkpointer, config_from_meta
+from sessa_jax.train.config import (
+    ConfigError, TrainConfig, apply_overrides, check_resume_compatible, from_dict, save_config,
+    task_for,
+)
+from sessa_jax.train.mesh import (
+    batch_sharding, check_batch, describe, device_kind, global_batch, make_mesh, process_rows,
+)
+from sessa_jax.train.metrics import (
+    MetricsWriter, Throughput, flops_per_token, fmt_count, fmt_duration, param_count,
+    peak_flops, progress_line,
+)
+from sessa_jax.train.state import (
+    Setup, abstract_with_shardings, init_state, make_setup,
+)
+from sessa_jax.train.step import make_eval_step, make_train_step, summarize_eval, token_byte_lengths
+
+def chance_accuracy(data_cfg) -> Optional[float]:
+    """Accuracy of uniform guessing among a task's possible answers (None for text)."""
+    return {
+        "symbol_soup": 1 / 20,  # classes
+        "selective_copy": 1 / data_cfg.selective_copy.vocab,
+        "mqar": 1 / data_cfg.mqar.value_vocab,
+        "passkey": 1 / 10,  # digits
+    }.get(data_cfg.task)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite (skipped) steps in a row."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    summary: dict
+    stopped_by: Optional[str] = None  # "SIGTERM" / "SIGINT" when a signal ended the run
+
+    @property
+    def exit_code(self) -> int:
+        return 130 if self.stopped_by == "SIGINT" else 0
+
+
+def _main() -> bool:
+    return jax.process_index() == 0
+
+
+def say(*args) -> None:
+    if _main():
+        print(*args, flush=True)
+
+
+class StopSignals:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self._prev = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._prev[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, prev in self._prev.items():
+            signal.signal(sig, prev)
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        self.received = signal.Signals(signum).name
+        if _main():
+            print(f"\n{self.received} received: finishing this step, then saving a checkpoint",
+                  file=sys.stderr, flush=True)
+
+    def requested(self) -> Optional[str]:
+        """The signal name if any process got one (all processes agree on the answer)."""
+        if jax.process_count() == 1:
+            return self.received
+        from jax.experimental import multihost_utils
+        code = {None: 0, "SIGTERM": 1, "SIGINT": 2}[self.received]
+        got = int(np.max(multihost_utils.process_allgather(np.int32(code))))
+        return {0: None, 1: "SIGTERM", 2: "SIGINT"}[got]
+
+
+# -- evaluation -------------------------------------------------------------------------------
+
+
+def run_eval(cfg: TrainConfig, task, setup: Setup, eval_step, params, *, split: str = "valid",
+             max_batches: Optional[int] = None) -> dict:
+    """One pass over the eval split -> summarize_eval metrics (+ 'batches')."""
+    g = cfg.run.global_batch_size
+    sharding = batch_sharding(setup.mesh, cfg.mesh.sharding_rules())
+    block, blocks = process_rows(sharding, (g, cfg.data.seq_len))
+    n = num_eval_batches(cfg.data, g, split=split, task=task)
+    limit = cfg.run.eval_batches if max_batches is None else max_batches
+    if limit:
+        n = min(n, limit)
+    it = eval_batches(cfg.data, g, block, blocks, split=split, task=task)
+    total = None
+    for _ in range(n):
+        sums = eval_step(params, global_batch(next(it), sharding, g))
+        sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+        total = sums if total is None else {k: total[k] + sums[k] for k in total}
+    out = summarize_eval(total)
+    out["batches"] = n
+    return out
+
+
+def _better(value, best, mode: str) -> bool:
+    if value is None:
+        return False
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+def _best_metric(cfg: TrainConfig) -> tuple[str, str]:
+    if cfg.checkpoint.keep_best_metric:
+        return cfg.checkpoint.keep_best_metric, cfg.checkpoint.keep_best_mode
+    return ("loss", "min") if cfg.data.task == "text" else ("accuracy", "max")
+
+
+# -- training ---------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig) -> RunResult:
+    """Train (or resume) the run described by ``cfg``; see the module docstring.
+
+    With several processes, call ``mesh.maybe_initialize_distributed()`` first (the CLI does),
+    before anything else touches JAX. Raises ConfigError/DataError/CheckpointError for user
+    mistakes and NonFiniteError when training diverges.
+    """
+    run_dir = os.path.abspath(cfg.run.output_dir)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"run.output_dir={cfg.run.output_dir!r}: cannot create it ({e})") from None
+    t_begin = time.perf_counter()
+    task = task_for(cfg.data)
+    mesh = make_mesh(cfg.mesh)
+    check_batch(cfg, mesh)
+    setup = make_setup(cfg, mesh)
+    ckpt = Checkpointer(run_dir, cfg.checkpoint)
+    writer = MetricsWriter(run_dir, enabled=_main(), tensorboard=cfg.run.tensorboard)
+    try:
+        return _train(cfg, run_dir, task, setup, ckpt, writer, t_begin)
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+
+
+def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
+    G, T, total = cfg.run.global_batch_size, cfg.data.seq_len, cfg.run.steps
+    n_params = param_count(cfg.model)
+    say(f"{cfg.model.family} model: {fmt_count(n_params)} parameters, d_model "
+        f"{cfg.model.d_model}, {cfg.model.n_layers} layers | task {cfg.data.task}, seq_len {T}, "
+        f"global batch {G} | {describe(setup.mesh)}")
+
+    # Fresh start or resume.
+    if ckpt.steps():
+        meta, _ = ckpt.read_meta()
+        check_resume_compatible(config_from_meta(meta), cfg)
+        state, meta, start = ckpt.restore(abstract_with_shardings(setup))
+        writer.truncate_after(start)
+        say(f"resumed from step {start} ({ckpt.directory})")
+    else:
+        state, start = init_state(setup), 0
+    if _main():
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
+
+    train_step = make_train_step(cfg, setup)
+    eval_step = make_eval_step(cfg, setup, token_byte_lengths(task))
+    sharding = batch_sharding(setup.mesh, cfg.mesh.sharding_rules())
+    block, blocks = process_rows(sharding, (G, T))
+    it = batches(cfg.data, "train", G, start_step=start, process_index=block,
+                 process_count=blocks, task=task)
+    peak = peak_flops(device_kind(setup.mesh))
+    thr = Throughput(G * T, flops_per_token(cfg.model, T, n_params),
+                     peak * setup.mesh.devices.size if peak else None, total)
+    best_name, best_mode = _best_metric(cfg)
+    track = {"skipped": int(jax.device_get(state.skipped)),  # earlier sessions' too
+             "compile_sec": None, "last_eval": None, "last_eval_step": None,
+             "best": None, "best_step": None, "t_start": time.perf_counter()}
+
+    def handle(k: int, m, evaluate: bool, force_log: bool = False) -> Optional[dict]:
+        m = {key: float(v) for key, v in jax.device_get(m).items()}
+        track["skipped"] += int(m["skipped"])
+        if track["compile_sec"] is None:
+            track["compile_sec"] = time.perf_counter() - track["t_start"]
+            thr.start(k)
+        log = force_log or evaluate or k % cfg.run.log_every == 0 or k == total
+        rec = None
+        if log:
+            rec = {"step": k, "loss": m["loss"], "accuracy": m["accuracy"],
+                   "grad_norm": m["grad_norm"], "learning_rate": m["learning_rate"]}
+            rec.update(thr.report(k))
+            rec["skipped_total"] = track["skipped"]
+            rec["time"] = time.perf_counter() - t_begin
+        ev = None
+        if evaluate:
+            ev = run_eval(cfg, task, setup, eval_step, state_ref[0].params)
+            track["last_eval"], track["last_eval_step"] = ev, k
+            if _better(ev.get(best_name), track["best"], best_mode):
+                track["best"], track["best_step"] = ev[best_name], k
+            rec.update({f"eval/{name}": val for name, val in ev.items() if name != "batches"})
+            thr.start(k)  # leave eval time out of the next throughput window
+        if rec is not None:
+            writer.write(rec)
+            say(progress_line(k, total, rec))
+        if m["streak"] >= cfg.run.max_nonfinite_in_a_row:
+            raise NonFiniteError(
+                f"stopping at step {k}: {int(m['streak'])} steps in a row had a non-finite loss, "
+                "gradient or update "
+                f"(run.max_nonfinite_in_a_row={cfg.run.max_nonfinite_in_a_row}); "
+                f"updates were skipped, last loss {m['loss']}, lr {m['learning_rate']:.3g} — "
+                "lower optimizer.lr, keep optimizer.grad_clip_norm on, or check the data"
+            )
+        return ev
+
+    for rec in writer.history():  # a resumed run keeps the best eval of earlier sessions
+        if _better(rec.get(f"eval/{best_name}"), track["best"], best_mode):
+            track["best"], track["best_step"] = rec[f"eval/{best_name}"], rec["step"]
+
+    state_ref = [state]  # handle() evaluates the params of the newest state
+    stopped_by = None
+    k, pending = start, None
+    sleep = float(os.environ.get("SESSA_DEBUG_STEP_SLEEP", "0") or 0)
+    with StopSignals() as signals:
+        while k < total:
+            if sleep:
+                time.sleep(sleep)
+            batch = global_batch(next(it), sharding, G)
+            state, m = train_step(state, batch)
+            state_ref[0] = state
+            k += 1
+            if pending is not None:
+                handle(*pending, evaluate=False)
+                pending = None
+            is_save = k == total or bool(cfg.checkpoint.every_steps
+                                         and k % cfg.checkpoint.every_steps == 0)
+            is_eval = k == total or bool(cfg.run.eval_every and k % cfg.run.eval_every == 0)
+            is_eval |= is_save and cfg.checkpoint.keep_best_metric is not None  # rank saves
+            stopped_by = signals.requested()
+            if is_eval or is_save or stopped_by:
+                ev = handle(k, m, evaluate=bool(is_eval), force_log=bool(stopped_by))
+                ckpt.save(k, state, cfg, metrics=ev)
+                if stopped_by:
+                    ckpt.wait()
+                    say(f"{stopped_by}: saved checkpoint at step {k} in {ckpt.directory}; "
+                        "run the same command again to resume")
+                    break
+            else:
+                pending = (k, m)
+        if pending is not None:
+            handle(*pending, evaluate=False)
+    if start >= total and track["last_eval"] is None:
+        say(f"run already complete at step {start}/{total}: evaluating only")
+        track["last_eval"], track["last_eval_step"] = run_eval(
+            cfg, task, setup, eval_step, state.params), start
+
+    summary = _summary(cfg, track, k, start, t_begin, best_name, best_mode)
+    if _main():
+        with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1)
+        _print_summary(summary, cfg)
+    return RunResult(summary, stopped_by)
+
+
+def _summary(cfg, track, k, start, t_begin, best_name, best_mode) -> dict:
+    tokens = k * cfg.run.global_batch_size * cfg.data.seq_len
+    return {
+        "steps": k,
+        "steps_this_session": k - start,
+        "tokens_seen": tokens,
+        "wall_time_sec": time.perf_counter() - t_begin,
+        "compile_sec": track["compile_sec"],
+        "skipped_steps": track["skipped"],
+        "final_eval_step": track["last_eval_step"],
+        "final_eval": track["last_eval"],
+        "best_eval": ({"metric": best_name, "mode": best_mode, "value": track["best"],
+                       "step": track["best_step"]} if track["best"] is not None else None),
+        "task": cfg.data.task,
+        "chance_accuracy": chance_accuracy(cfg.data),
+    }
+
+
+def _print_summary(s: dict, cfg: TrainConfig) -> None:
+    print("-" * 72)
+    comp = f", compile {s['compile_sec']:.1f}s" if s["compile_sec"] else ""
+    print(f"trained {s['steps_this_session']} steps this session (step {s['steps']}/"
+          f"{cfg.run.steps}), {fmt_count(s['tokens_seen'])} tokens seen in total, wall time "
+          f"{fmt_duration(s['wall_time_sec'])}{comp}"
+          + (f", {s['skipped_steps']} non-finite steps skipped" if s["skipped_steps"] else ""))
+    ev = s["final_eval"]
+    if ev:
+        chance = s["chance_accuracy"]
+        parts = [f"accuracy {ev['accuracy']:.1%}" + (f" (chance {chance:.1%})" if chance else ""),
+                 f"sequence accuracy {ev['seq_accuracy']:.1%}", f"loss {ev['loss']:.4f}"]
+        if "bits_per_byte" in ev:
+            parts += [f"perplexity {ev['perplexity']:.3f}", f"bits/byte {ev['bits_per_byte']:.4f}"]
+        print(f"final eval (step {s['final_eval_step']}, {ev['examples']} held-out examples): "
+              + ", ".join(parts))
+    b = s["best_eval"]
+    if b:
+        v = b["value"]
+        shown = f"{v:.1%}" if "accuracy" in b["metric"] else f"{v:.4f}"
+        print(f"best eval {b['metric']}: {shown} at step {b['step']}")
+    print(f"run directory: {os.path.abspath(cfg.run.output_dir)}")
+
+
+# -- evaluating a saved checkpoint ------------------------------------------------------------
+
+# What sessa-eval may change: data (e.g. another seq_len), batch/eval size, mesh, execution.
+_EVAL_OVERRIDABLE = ("data.", "mesh.", "run.global_batch_size", "run.eval_batches",
+                     "run.compute_dtype", "model.dtype", "model.feedback_impl",
+                     "model.chunk_size", "model.scan_impl", "model.remat")
+
+
+def evaluate_checkpoint(run_dir: str, step: Optional[int] = None,
+                        overrides: Sequence[str] = (), split: str = "valid") -> dict:
+    """Evaluate checkpoint ``step`` (default newest readable) of ``run_dir`` -> metrics dict.
+
+    ``overrides`` (key=value) may change data.* (e.g. ``data.seq_len=1024`` to test length
+    generalisation), mesh.*, run.global_batch_size/eval_batches and execution-only model fields.
+    """
+    for o in overrides:
+        key = o.split("=", 1)[0].strip()
+        if not key.startswith(_EVAL_OVERRIDABLE):
+            raise ConfigError(f"{key}: cannot be changed when evaluating a checkpoint (it is "
+                              "fixed by the trained model); allowed: data.*, mesh.*, "
+                              "run.global_batch_size, run.eval_batches, model.dtype, ...")
+    ckpt = Checkpointer(run_dir, read_only=True)
+    meta, _ = ckpt.read_meta(step)
+    raw = meta["config"]
+    raw["mesh"] = {"data": -1, "fsdp": 1, "tensor": 1, "rules": raw["mesh"].get("rules", {})}
+    cfg = from_dict(apply_overrides(raw, overrides))
+    task = task_for(cfg.data)
+    try:
+        if task.split_size(split) < 1:
+            raise ValueError(f"split {split!r} is empty")
+    except ValueError as e:
+        raise ConfigError(f"--split {split}: {e}") from None
+    mesh = make_mesh(cfg.mesh)
+    check_batch(dataclasses.replace(cfg, optimizer=dataclasses.replace(
+        cfg.optimizer, grad_accum_steps=1)), mesh)
+    setup = make_setup(cfg, mesh)
+    abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                            setup.abstract.params, setup.shardings.params)
+    params, _, s = ckpt.restore_params(abstract, step)
+    eval_step = make_eval_step(cfg, setup, token_byte_lengths(task))
+    ev = run_eval(cfg, task, setup, eval_step, params, split=split)
+    result = {"step": s, "split": split, "task": cfg.data.task, "seq_len": cfg.data.seq_len, **ev}
+    if _main():
+        with open(os.path.join(run_dir, "eval_results.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                for k, v in result.items()}) + "\n")
+    return result

@@ -1,0 +1,193 @@
+"""Devices: multi-process start-up, the (data, fsdp, tensor) mesh, and shardings.
+
+Parameters are placed by their logical axis names (:mod:`sessa_jax.models.partitioning`) through
+the rule table of ``MeshConfig``; a dimension that the mesh axes do not divide evenly is
+replicated instead (e.g. a 44-token vocabulary over tensor=8), since jit needs even shards.
+Batches (G, T) are sharded over rows by the 'batch' rule (default ('data', 'fsdp')).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sessa_jax.models.partitioning import logical_to_mesh
+from sessa_jax.train.config import MESH_AXES, ConfigError, MeshConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def maybe_initialize_distributed() -> bool:
+    """Call ``jax.distributed.initialize`` when the environment describes several processes.
+
+    Explicit: JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES, JAX_PROCESS_ID.
+    Cluster: SLURM / Open MPI / multi-host TPU environments, which jax detects itself.
+    Returns True when it initialised. Must run before anything touches a JAX backend.
+    """
+    env = os.environ
+    addr = env.get("JAX_COORDINATOR_ADDRESS")
+    if addr:
+        try:
+            n = int(env.get("JAX_NUM_PROCESSES", ""))
+            pid = int(env.get("JAX_PROCESS_ID", ""))
+        except ValueError:
+            raise ConfigError(
+                "JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and JAX_PROCESS_ID must be "
+                f"integers (got {env.get('JAX_NUM_PROCESSES')!r}, {env.get('JAX_PROCESS_ID')!r})"
+            ) from None
+        if n <= 1:
+            return False
+        jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid)
+        return True
+    cluster = (
+        int(env.get("SLURM_NTASKS", "1") or 1) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    )
+    if cluster:
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    """Resolve -1 and check the mesh against the device count; raises ConfigError."""
+    sizes = [getattr(cfg, a) for a in MESH_AXES]
+    fixed = math.prod(s for s in sizes if s != -1)
+    desc = " x ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
+    if -1 in sizes:
+        if n_devices % fixed:
+            raise ConfigError(
+                f"{desc}: {n_devices} devices are not divisible by the fixed axes' product {fixed}"
+            )
+        sizes[sizes.index(-1)] = n_devices // fixed
+    total = math.prod(sizes)
+    if total > n_devices:
+        verb = "is" if n_devices == 1 else "are"
+        raise ConfigError(f"{desc} needs {total} devices, but only {n_devices} {verb} available")
+    if total < n_devices and jax.process_count() > 1:
+        raise ConfigError(
+            f"{desc} uses {total} of {n_devices} devices; with several processes the mesh must "
+            "use them all (set one axis to -1)"
+        )
+    return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    """A Mesh with axes ('data', 'fsdp', 'tensor') over ``devices`` (default: all)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(cfg, len(devices))
+    devices = devices[: math.prod(shape)]
+    auto = (jax.sharding.AxisType.Auto,) * 3  # GSPMD propagation, not explicit-sharding types
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    except Exception:  # e.g. CPU or odd topologies mesh_utils has no layout for
+        return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def check_batch(cfg: TrainConfig, mesh: Mesh) -> None:
+    """The global batch must split evenly over batch shards, microbatches and processes."""
+    g = cfg.run.global_batch_size
+    acc = cfg.optimizer.grad_accum_steps
+    shards = batch_shards(mesh, cfg.mesh.sharding_rules())
+    if g % (acc * shards):
+        raise ConfigError(
+            f"run.global_batch_size={g} is not divisible by optimizer.grad_accum_steps={acc} x "
+            f"{shards} batch shards (mesh.data x mesh.fsdp = "
+            f"{mesh.shape['data']} x {mesh.shape['fsdp']})"
+        )
+    if g % jax.process_count():
+        raise ConfigError(f"run.global_batch_size={g} is not divisible by the "
+                          f"{jax.process_count()} processes")
+
+
+def batch_spec(rules) -> P:
+    """PartitionSpec of a (B, T) batch."""
+    return logical_to_mesh(("batch", "length"), rules)
+
+
+def batch_shards(mesh: Mesh, rules) -> int:
+    """How many ways the batch rows are split."""
+    axes = batch_spec(rules)[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+    return NamedSharding(mesh, batch_spec(rules))
+
+
+def fit_spec(spec: P, shape, mesh: Mesh) -> P:
+    """Drop mesh axes from dims they don't divide (those dims are then replicated)."""
+    out = []
+    for i, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axes is None:
+            out.append(None)
+            continue
+        tup = (axes,) if isinstance(axes, str) else tuple(axes)
+        size = math.prod(mesh.shape[a] for a in tup)
+        out.append(axes if shape[i] % size == 0 else None)
+    return P(*out)
+
+
+def param_shardings(logical_specs, abstract_params, mesh: Mesh, rules):
+    """Tree of NamedShardings for params, from their logical specs (same tree structure)."""
+    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+    mesh_specs = jax.tree.map(lambda s: logical_to_mesh(tuple(s), rules), logical_specs,
+                              is_leaf=is_spec)
+    return jax.tree.map(
+        lambda s, a: NamedSharding(mesh, fit_spec(s, a.shape, mesh)),
+        mesh_specs, abstract_params, is_leaf=is_spec,
+    )
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def process_rows(sharding: NamedSharding, global_shape) -> tuple[int, int]:
+    """(block index, block count) of the batch rows this process feeds.
+
+    The data pipeline gives process p of P the contiguous rows [p*G/P, (p+1)*G/P). When the mesh
+    replicates rows over processes (e.g. tensor parallelism across hosts) several processes feed
+    the same rows; this returns the block of rows this process's devices hold and how many such
+    blocks there are, to pass as (process_index, process_count) to ``sessa_jax.data.batches``.
+    """
+    g = global_shape[0]
+    rows = set()
+    for idx in sharding.addressable_devices_indices_map(tuple(global_shape)).values():
+        r = idx[0]
+        start, stop, _ = r.indices(g)
+        rows.update(range(start, stop))
+    lo, hi = min(rows), max(rows) + 1
+    if len(rows) != hi - lo or g % (hi - lo) or lo % (hi - lo):
+        raise ConfigError(
+            f"this mesh puts batch rows {sorted(rows)[:8]}... on process {jax.process_index()}: "
+            "not one aligned contiguous block; change mesh.* or mesh.rules.batch"
+        )
+    return lo // (hi - lo), g // (hi - lo)
+
+
+def global_batch(local: dict, sharding: NamedSharding, global_rows: int) -> dict:
+    """This process's rows (L, T) -> global jax Arrays (G, T) laid out by ``sharding``."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v, (global_rows,) + v.shape[1:])
+        for k, v in local.items()
+    }
+
+
+def describe(mesh: Mesh) -> str:
+    d = mesh.devices.flat[0]
+    return (f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} "
+            f"tensor={mesh.shape['tensor']} on {mesh.devices.size} x {d.device_kind} "
+            f"({jax.process_count()} process{'es' if jax.process_count() > 1 else ''})")
+
+
+def device_kind(mesh: Optional[Mesh] = None) -> str:
+    return (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).device_kind

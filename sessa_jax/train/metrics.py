@@ -1,0 +1,216 @@
+"""What a run reports: FLOPs and MFU, the progress line, metrics.jsonl and TensorBoard.
+
+``metrics.jsonl`` holds one JSON object per logged step: ``step``, ``loss``, ``accuracy``,
+``grad_norm``, ``learning_rate``, ``tokens_per_sec``, ``mfu`` (null on CPU), ``skipped``, ``time``
+(seconds since start) and, on eval steps, ``eval/<name>`` entries. Non-finite numbers are
+written as null (JSON has no NaN).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+from sessa_jax.models.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per chip. Matched against jax's device_kind, most specific first.
+PEAK_FLOPS = (
+    ("h200", 989e12),
+    ("h100", 989e12),
+    ("a100", 312e12),
+    ("v6 lite", 918e12), ("v6e", 918e12),
+    ("v5 lite", 197e12), ("v5e", 197e12),
+    ("v5p", 459e12), ("v5", 459e12),
+    ("v4", 275e12),
+)
+
+
+def peak_flops(device_kind: str) -> Optional[float]:
+    """Peak bf16 FLOP/s of one device of this kind; None when unknown (e.g. CPU)."""
+    kind = device_kind.lower()
+    if "cpu" in kind:
+        return None
+    for key, value in PEAK_FLOPS:
+        if key in kind:
+            return value
+    return None
+
+
+def param_count(model_cfg: ModelConfig) -> int:
+    """Parameter count of the model, from shapes only (nothing allocated)."""
+    import jax
+    from flax import nnx
+    from sessa_jax.models.lm import DecoderLM
+
+    model = nnx.eval_shape(lambda: DecoderLM(model_cfg, rngs=nnx.Rngs(0)))
+    return sum(int(math.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def flops_per_token(model_cfg: ModelConfig, seq_len: int, n_params: Optional[int] = None) -> float:
+    """Training FLOPs per token (forward + backward) at length ``seq_len``.
+
+    6 N for the matmuls (N = parameters, less the embedding table when it is not tied to the
+    LM head, since a lookup costs nothing) plus the sequence-mixing terms per layer, PaLM-style
+    (no causal halving): causal attention 12 T D; Sessa twice that (forward branch plus the
+    full-width feedback attention and its solve); a Mamba-style scan about 18 d_inner d_state.
+    """
+    n = param_count(model_cfg) if n_params is None else n_params
+    if not model_cfg.tie_embeddings:
+        n -= model_cfg.vocab_size * model_cfg.d_model
+    L, D, T = model_cfg.n_layers, model_cfg.d_model, seq_len
+    if model_cfg.family == "transformer":
+        mix = 12 * T * D
+    elif model_cfg.family == "sessa":
+        mix = 24 * T * D
+    else:
+        mix = 18 * model_cfg.expand * D * model_cfg.d_state
+    return float(6 * n + L * mix)
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def fmt_count(x: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def _clean(v):
+    """JSON-safe scalar: numpy/jax scalars to Python, non-finite floats to None."""
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class MetricsWriter:
+    """metrics.jsonl + TensorBoard event files in the run directory (process 0 only)."""
+
+    def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+                self.tb = SummaryWriter(logdir=os.path.join(run_dir, "tb"))
+            except Exception as e:  # TensorBoard is a nicety; never fail a run over it
+                print(f"warning: TensorBoard disabled ({e})", file=sys.stderr)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines past ``step`` (a resumed run rewrites what followed its checkpoint)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        keep = []
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        keep.append(line if line.endswith("\n") else line + "\n")
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(tmp, self.path)
+
+    def history(self) -> list[dict]:
+        """The records already in metrics.jsonl (empty when none, or not process 0)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return []
+        out = []
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return out
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        rec = {k: _clean(v) for k, v in record.items()}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+        if self.tb is not None:
+            step = rec["step"]
+            for k, v in rec.items():
+                if k in ("step", "time") or not isinstance(v, (int, float)) or isinstance(v, bool):
+                    continue
+                tag = k if "/" in k else f"train/{k}"
+                self.tb.add_scalar(tag, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Throughput:
+    """Tokens/s, MFU and ETA over the window since the previous report."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float,
+                 peak_total: Optional[float], total_steps: int):
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak_total = peak_total
+        self.total_steps = total_steps
+        self.t0: Optional[float] = None
+        self.s0 = 0
+        self.sec_per_step: Optional[float] = None
+
+    def start(self, step: int) -> None:
+        """Begin timing after ``step`` (the first, compiling step is left out)."""
+        self.t0, self.s0 = time.perf_counter(), step
+
+    def report(self, step: int) -> dict:
+        out = {"tokens_per_sec": None, "mfu": None, "eta_sec": None}
+        if self.t0 is None or step <= self.s0:
+            return out
+        now = time.perf_counter()
+        dt = now - self.t0
+        sps = dt / (step - self.s0)
+        prev = self.sec_per_step
+        self.sec_per_step = sps if prev is None else 0.7 * prev + 0.3 * sps  # smooth the ETA
+        tps = self.tokens_per_step / sps
+        out["tokens_per_sec"] = tps
+        if self.peak_total:
+            out["mfu"] = tps * self.flops_per_token / self.peak_total
+        out["eta_sec"] = self.sec_per_step * (self.total_steps - step)
+        self.t0, self.s0 = now, step
+        return out
+
+
+def progress_line(step: int, total: int, m: dict) -> str:
+    """'step 120/300 | loss 1.234 | acc 0.456 | 12.3k tok/s | MFU n/a | ETA 1m05s'."""
+    def num(v, f):
+        return "nan" if v is None else format(v, f)
+
+    parts = [f"step {step}/{total}", f"loss {num(m.get('loss'), '.4f')}",
+             f"acc {num(m.get('accuracy'), '.3f')}", f"lr {num(m.get('learning_rate'), '.2e')}"]
+    tps = m.get("tokens_per_sec")
+    parts.append(f"{fmt_count(tps)} tok/s" if tps else "-- tok/s")
+    mfu = m.get("mfu")
+    parts.append(f"MFU {mfu:.1%}" if mfu is not None else "MFU n/a")
+    eta = m.get("eta_sec")
+    parts.append(f"ETA {fmt_duration(eta)}" if eta is not None else "ETA --")
+    if m.get("skipped_total"):
+        parts.append(f"skipped {m['skipped_total']}")
+    if "eval/accuracy" in m:
+        parts.append(f"eval acc {m['eval/accuracy']:.3f}")
+    if m.get("eval/bits_per_byte") is not None:
+        parts.append(f"eval bpb {m['eval/bits_per_byte']:.3f}")
+    return " | ".join(parts)

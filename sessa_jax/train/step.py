@@ -1,0 +1,196 @@
+"""The jitted train and eval steps.
+
+Loss: next-token cross-entropy in float32, averaged over scored positions (``loss_mask`` > 0) of
+the whole global batch. With ``grad_accum_steps`` = k the batch (G, T) is viewed as
+(G/k, k, T) -> k microbatches of G/k rows (row i*k + j goes to microbatch j, so every device
+keeps its own rows) and a ``lax.scan`` sums their gradients of sum(nll)/total_scored: exactly
+the single-batch gradient, up to float summation order.
+
+Non-finite guard: if the loss, the gradient norm or the update norm is not finite, the step
+keeps params and optimizer state, counts the skip (``skipped``, ``streak``) and still advances
+``step`` (the data position), so a bad batch is passed over rather than retried forever.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sessa_jax.data import num_scored_examples, sequence_correct
+from sessa_jax.train.config import TrainConfig
+from sessa_jax.train.mesh import batch_spec, replicated
+from sessa_jax.train.state import Setup, TrainState, lr_schedule
+
+
+def loss_sums(model_def, params, batch: dict) -> dict:
+    """Sums over the batch (B, T): nll, scored positions, correct argmax at scored positions."""
+    logits = model_def(params)(batch["inputs"])  # (B, T, V) float32
+    targets, mask = batch["targets"], batch["loss_mask"] > 0
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # (B, T)
+    pred = jnp.argmax(logits, axis=-1)
+    return {
+        "nll": jnp.sum(jnp.where(mask, nll, 0.0)),
+        "scored": jnp.sum(mask, dtype=jnp.float32),
+        "correct": jnp.sum((pred == targets) & mask, dtype=jnp.float32),
+    }
+
+
+def _where_tree(ok, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def make_train_step(cfg: TrainConfig, setup: Setup) -> Callable:
+    """``step(state, batch) -> (state, metrics)``, jitted with explicit shardings and the state
+    donated. batch: {"inputs" int32 (G, T), "targets" int32 (G, T), "loss_mask" f32 (G, T)}.
+    metrics (replicated scalars): loss, accuracy, grad_norm, learning_rate, scored, skipped.
+    """
+    accum = cfg.optimizer.grad_accum_steps
+    schedule = lr_schedule(cfg.optimizer, cfg.run.steps)
+    model_def, tx, mesh = setup.model_def, setup.tx, setup.mesh
+    rules = cfg.mesh.sharding_rules()
+    row_axes = batch_spec(rules)[0]
+    micro_sharding = NamedSharding(mesh, P(None, row_axes, None))
+
+    def grads_of(params, mb, denom):
+        def f(p):
+            sums = loss_sums(model_def, p, mb)
+            return sums["nll"] / denom, sums
+
+        (_, sums), g = jax.value_and_grad(f, has_aux=True)(params)
+        return g, sums
+
+    def step(state: TrainState, batch: dict):
+        denom = jnp.maximum(jnp.sum(batch["loss_mask"] > 0, dtype=jnp.float32), 1.0)
+        if accum == 1:
+            grads, sums = grads_of(state.params, batch, denom)
+        else:
+            def split(x):  # (G, T) -> (k, G/k, T), microbatch j = rows j, k + j, 2k + j, ...
+                x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+                return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+            micro = jax.tree.map(split, batch)
+            zero_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            zero_s = {k: jnp.zeros((), jnp.float32) for k in ("nll", "scored", "correct")}
+
+            def body(carry, mb):
+                g_acc, s_acc = carry
+                g, s = grads_of(state.params, mb, denom)
+                g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+                return (g_acc, jax.tree.map(jnp.add, s_acc, s)), None
+
+            (grads, sums), _ = jax.lax.scan(body, (zero_g, zero_s), micro)
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+
+        loss = sums["nll"] / denom
+        grad_norm = optax.tree.norm(grads)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+        applied = state.step - state.skipped  # optimizer updates so far: the schedule's clock
+        bad = (~ok).astype(jnp.int32)
+        new_state = TrainState(
+            params=_where_tree(ok, new_params, state.params),
+            opt_state=_where_tree(ok, new_opt, state.opt_state),
+            step=state.step + 1,
+            rng=jax.random.split(state.rng)[0],
+            skipped=state.skipped + bad,
+            streak=jnp.where(ok, 0, state.streak + 1),
+        )
+        metrics = {
+            "loss": loss,
+            "accuracy": sums["correct"] / denom,
+            "grad_norm": grad_norm,
+            "learning_rate": schedule(applied),
+            "scored": sums["scored"],
+            "skipped": bad,
+            "streak": new_state.streak,
+        }
+        return new_state, metrics
+
+    batch_sh = {k: NamedSharding(mesh, batch_spec(rules))
+                for k in ("inputs", "targets", "loss_mask")}
+    return jax.jit(step, in_shardings=(setup.shardings, batch_sh),
+                   out_shardings=(setup.shardings, replicated(mesh)), donate_argnums=0)
+
+
+def make_eval_step(cfg: TrainConfig, setup: Setup, byte_lengths: Optional[np.ndarray] = None
+                   ) -> Callable:
+    """``eval_step(params, batch) -> sums`` (replicated float32 scalars): nll, scored, correct,
+    seq_correct (examples with every scored position right), examples (rows with a scored
+    position) and, when ``byte_lengths`` (V,) is given (text), bytes of the scored targets."""
+    model_def, mesh = setup.model_def, setup.mesh
+    rules = cfg.mesh.sharding_rules()
+    table = None if byte_lengths is None else jnp.asarray(byte_lengths, jnp.float32)
+
+    def ev(params, batch):
+        logits = model_def(params)(batch["inputs"])
+        targets, mask = batch["targets"], batch["loss_mask"]
+        scored = mask > 0
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        pred = jnp.argmax(logits, axis=-1)
+        out = {
+            "nll": jnp.sum(jnp.where(scored, nll, 0.0)),
+            "scored": jnp.sum(scored, dtype=jnp.float32),
+            "correct": jnp.sum((pred == targets) & scored, dtype=jnp.float32),
+            "seq_correct": jnp.sum(sequence_correct(pred, targets, mask), dtype=jnp.float32),
+            "examples": num_scored_examples(mask).astype(jnp.float32),
+        }
+        if table is not None:
+            out["bytes"] = jnp.sum(jnp.where(scored, table[targets], 0.0))
+        return out
+
+    batch_sh = {k: NamedSharding(mesh, batch_spec(rules))
+                for k in ("inputs", "targets", "loss_mask")}
+    return jax.jit(ev, in_shardings=(setup.shardings.params, batch_sh),
+                   out_shardings=replicated(mesh))
+
+
+def summarize_eval(sums: dict) -> dict:
+    """Summed eval counters -> metrics: loss, accuracy, seq_accuracy (+ perplexity and
+    bits_per_byte when byte counts are present)."""
+    scored = max(sums["scored"], 1.0)
+    loss = sums["nll"] / scored
+    out = {
+        "loss": loss,
+        "accuracy": sums["correct"] / scored,
+        "seq_accuracy": sums["seq_correct"] / max(sums["examples"], 1.0),
+        "examples": int(sums["examples"]),
+    }
+    if "bytes" in sums:
+        out["perplexity"] = math.exp(min(loss, 700.0))
+        out["bits_per_byte"] = sums["nll"] / math.log(2) / max(sums["bytes"], 1.0)
+    return out
+
+
+def token_byte_lengths(task) -> Optional[np.ndarray]:
+    """Bytes each token id stands for, (V,) — for bits per byte on text; None for other tasks.
+
+    Byte tokenizer: 1 for every byte id, 0 for specials. SentencePiece: UTF-8 length of the
+    piece with '▁' as a space (specials 0). <eos> counts 0 bytes, so bpb is per text byte.
+    """
+    tok = getattr(task, "tokenizer", None)
+    if task.name != "text":
+        return None
+    if tok is None and hasattr(task, "_tok"):
+        tok = task._tok()
+    table = np.zeros(task.vocab_size, np.float32)
+    if getattr(tok, "spec", None) == "bytes":
+        table[tok.offset: tok.offset + 256] = 1.0
+        return table
+    sp = getattr(tok, "sp", None)
+    if sp is None:
+        return None
+    for i in range(min(tok.num_pieces, task.vocab_size)):
+        if sp.is_control(i) or sp.is_unknown(i):
+            continue
+        if sp.is_byte(i):
+            table[i] = 1.0
+            continue
+        table[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+    return table
