@@ -1,0 +1,40 @@
+"""``sessa-export``: a training run's parameters -> safetensors + config.json."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="sessa-export",
+        description="Export the parameters of a training run's checkpoint as safetensors "
+                    "(sharded by size) plus config.json; no optimizer state, no pickle.")
+    p.add_argument("--run", required=True, help="training run directory (run.output_dir)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
+                   help="dtype of the exported floating-point tensors (default fp32)")
+    p.add_argument("--max-shard-size", default="2GB",
+                   help="split into numbered shards above this size (e.g. 2GB, 500MB, 1GiB)")
+    args = p.parse_args(argv)
+
+    from sessa_jax.export.core import ExportError, export_run
+    from sessa_jax.train.checkpoint import CheckpointError
+
+    try:
+        s = export_run(args.run, args.out, step=args.step, dtype=args.dtype,
+                       max_shard_size=args.max_shard_size)
+    except (ExportError, CheckpointError) as e:
+        print(f"sessa-export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported step {s['step']}: {s['n_params']:,} parameters in {s['n_tensors']} tensors, "
+          f"{s['total_bytes'] / 1e6:.2f} MB {s['dtype']}, {len(s['files'])} file(s) -> "
+          f"{s['out_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Parameter export (safetensors, sharded by size) and :func:`load_pretrained`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping, Optional
+
+import jax
+import numpy as np
+
+FORMAT = "sessa_jax.export.v1"
+CONFIG_NAME = "config.json"
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+class ExportError(ValueError):
+    """A bad export directory or a mismatch between its tensors and its config."""
+
+
+def parse_size(size) -> int:
+    """'2GB' (10^9), '500MiB' (2^20), '1234' -> bytes."""
+    if isinstance(size, int):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
+        unit = m.group(2).upper() if m else None
+        if not m or unit not in _UNITS:
+            raise ExportError(f"max shard size {size!r}: expected e.g. 2GB, 500MB, 1GiB or bytes")
+        n = int(float(m.group(1)) * _UNITS[unit])
+    if n <= 0:
+        raise ExportError(f"max shard size {size!r} must be positive")
+    return n
+
+
+def _key_name(k) -> str:
+    return str(getattr(k, "key", getattr(k, "idx", k)))
+
+
+def flatten_params(params) -> dict[str, Any]:
+    """Nested params (nnx.to_pure_dict layout) -> {'blocks.0.mixer.W_in.kernel': array}."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    return {".".join(_key_name(k) for k in path): leaf for path, leaf in flat}
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+
+def export_params(params, model_cfg, out_dir: str, *, dtype: str = "fp32",
+                  max_shard_size="2GB", extra: Optional[dict] = None) -> dict:
+    """Write ``params`` (pure dict of a DecoderLM(model_cfg)) to ``out_dir``.
+
+    Returns a summary: files, total_bytes, n_tensors, n_params, dtype.
+    """
+    import dataclasses
+
+    from safetensors.numpy import save_file
+
+    from sessa_jax.train.config import to_dict
+
+    if dtype not in _DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: expected bf16 or fp32")
+    np_dtype = np.dtype(jax.numpy.dtype(_DTYPES[dtype]))
+    limit = parse_size(max_shard_size)
+    tensors = {}
+    for name, arr in flatten_params(params).items():
+        a = np.asarray(jax.device_get(arr))
+        if np.issubdtype(a.dtype, np.floating) or a.dtype == np_dtype:
+            a = a.astype(np_dtype)
+        tensors[name] = np.array(a, order="C")  # (ascontiguousarray makes 0-d 1-d)
+
+    # Greedy split in name order; a tensor larger than the limit gets a shard of its own.
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, a in tensors.items():
+        if shards[-1] and size + a.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += a.nbytes
+
+    os.makedirs(out_dir, exist_ok=True)
+    for old in os.listdir(out_dir):  # a re-export must not leave stale shards behind
+        if old.endswith(".safetensors") or old == INDEX_NAME:
+            os.remove(os.path.join(out_dir, old))
+    meta = {"format": FORMAT}
+    n = len(shards)
+    files = []
+    weight_map = {}
+    for i, names in enumerate(shards):
+        fname = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_file({k: tensors[k] for k in names}, os.path.join(out_dir, fname), metadata=meta)
+        files.append(fname)
+        weight_map.update({k: fname for k in names})
+    total = sum(a.nbytes for a in tensors.values())
+    if n > 1:
+        with open(os.path.join(out_dir, INDEX_NAME), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total, "format": FORMAT},
+                       "weight_map": weight_map}, f, indent=1, sort_keys=True)
+
+    model_dict = to_dict(model_cfg)
+    if _DTYPES[dtype] != "float32":  # the loaded model holds the parameters in this dtype
+        model_dict["param_dtype"] = _DTYPES[dtype]
+    config = {"format": FORMAT, "model": model_dict, "export_dtype": _DTYPES[dtype],
+              "n_params": int(sum(a.size for a in tensors.values()))}
+    config.update(extra or {})
+    with open(os.path.join(out_dir, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=1)
+    return {"files": files, "total_bytes": total, "n_tensors": len(tensors),
+            "n_params": config["n_params"], "dtype": _DTYPES[dtype], "out_dir": out_dir}
+
+
+def export_run(run_dir: str, out_dir: str, *, step: Optional[int] = None, dtype: str = "fp32",
+               max_shard_size="2GB") -> dict:
+    """Export the parameters of checkpoint ``step`` (default: newest) of a training run."""
+    from flax import nnx
+
+    from sessa_jax.train.checkpoint import load_model
+
+    if not os.path.isdir(run_dir):
+        raise ExportError(f"{run_dir}: no such run directory")
+    if dtype not in _DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: expected bf16 or fp32")
+    parse_size(max_shard_size)
+    model, cfg, s = load_model(run_dir, step)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    summary = export_params(
+        params, cfg.model, out_dir, dtype=dtype, max_shard_size=max_shard_size,
+        extra={"step": int(s), "source_run": os.path.abspath(run_dir),
+               "sharding_rules": {k: (list(v) if isinstance(v, tuple) else v)
+                                  for k, v in cfg.mesh.rules.items()}})
+    summary["step"] = int(s)
+    return summary
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+def read_export_config(path: str):
+    """-> (ModelConfig, the raw config.json dict); ExportError when missing or invalid."""
+    from sessa_jax.models.config import ModelConfig
+    from sessa_jax.train.config import ConfigError, build
+
+    if not os.path.isdir(path):
+        raise ExportError(f"{path}: no such export directory")
+    cpath = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cpath):
+        raise ExportError(f"{path}: no {CONFIG_NAME} (is this a sessa-export directory?)")
+    with open(cpath, encoding="utf-8") as f:
+        raw = json.load(f)
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT or "model" not in raw:
+        raise ExportError(f"{cpath}: not a {FORMAT!r} config")
+    try:
+        return build(ModelConfig, raw["model"], "model"), raw
+    except ConfigError as e:
+        raise ExportError(f"{cpath}: {e}") from None
+
+
+def _tensor_files(path: str) -> dict[str, str]:
+    """{tensor name: file} from the index, or the single file."""
+    from safetensors import safe_open
+
+    ipath = os.path.join(path, INDEX_NAME)
+    if os.path.isfile(ipath):
+        with open(ipath, encoding="utf-8") as f:
+            wm = json.load(f).get("weight_map", {})
+        missing = sorted({v for v in wm.values() if not os.path.isfile(os.path.join(path, v))})
+        if missing:
+            raise ExportError(f"{path}: shard files listed in {INDEX_NAME} are missing: "
+                              + ", ".join(missing))
+        return dict(wm)
+    single = os.path.join(path, SINGLE_NAME)
+    if not os.path.isfile(single):
+        raise ExportError(f"{path}: neither {SINGLE_NAME} nor {INDEX_NAME} found")
+    with safe_open(single, "numpy") as f:
+        return {k: SINGLE_NAME for k in f.keys()}
+
+
+def load_pretrained(path: str, mesh=None, rules: Optional[Mapping] = None):
+    """Build the DecoderLM of an export directory, holding its parameters.
+
+    ``mesh``: place each parameter with the NamedSharding its logical axes map to under
+    ``rules`` (default: DEFAULT_RULES with the training run's overrides); a dimension the mesh
+    axes do not divide is replicated. Without a mesh, parameters go to the default device.
+    Raises ExportError naming every missing, unexpected or misshaped tensor.
+    """
+    from safetensors import safe_open
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from sessa_jax.models.partitioning import DEFAULT_RULES, tree_logical_to_mesh
+    from sessa_jax.train.mesh import fit_spec
+    from sessa_jax.train.state import abstract_model
+
+    model_cfg, raw = read_export_config(path)
+    files = _tensor_files(path)
+    model_def, abstract, logical = abstract_model(model_cfg)
+    want = flatten_params(abstract)
+
+    shapes = {}
+    for fname in sorted(set(files.values())):
+        with safe_open(os.path.join(path, fname), "numpy") as f:
+            for k in f.keys():
+                if files.get(k) == fname:
+                    shapes[k] = tuple(f.get_slice(k).get_shape())
+    missing = sorted(set(want) - set(shapes))
+    unexpected = sorted(set(shapes) - set(want))
+    bad = [f"{k}: expected {tuple(want[k].shape)}, got {shapes[k]}"
+           for k in want if k in shapes and tuple(want[k].shape) != shapes[k]]
+    if missing or unexpected or bad:
+        parts = []
+        if missing:
+            parts.append(f"missing ({len(missing)}): " + ", ".join(missing))
+        if unexpected:
+            parts.append(f"unexpected ({len(unexpected)}): " + ", ".join(unexpected))
+        if bad:
+            parts.append(f"wrong shape ({len(bad)}): " + "; ".join(bad))
+        raise ExportError(f"{path}: tensors do not match config.json's model\n  "
+                          + "\n  ".join(parts))
+
+    if mesh is not None:
+        if rules is None:
+            rules = dict(DEFAULT_RULES)
+            for k, v in (raw.get("sharding_rules") or {}).items():
+                rules[k] = tuple(v) if isinstance(v, list) else v
+        is_spec = lambda x: isinstance(x, P)  # noqa: E731
+        mesh_specs = tree_logical_to_mesh(logical, rules)
+        shardings = flatten_params(jax.tree.map(
+            lambda s, a: NamedSharding(mesh, fit_spec(s, a.shape, mesh)),
+            mesh_specs, abstract, is_leaf=is_spec))
+    else:
+        shardings = {}
+
+    loaded = {}
+    for fname in sorted(set(files.values())):
+        with safe_open(os.path.join(path, fname), "numpy") as f:
+            for k in f.keys():
+                if files.get(k) != fname:
+                    continue
+                a = f.get_tensor(k)
+                dt = np.dtype(want[k].dtype)
+                if a.dtype != dt:
+                    a = a.astype(dt)
+                loaded[k] = (jax.device_put(a, shardings[k]) if k in shardings
+                             else jax.numpy.asarray(a))
+    leaves, treedef = jax.tree_util.tree_flatten(abstract)
+    params = jax.tree_util.tree_unflatten(treedef, [loaded[k] for k in want])
+    return model_def(params)
