@@ -85,7 +85,8 @@ def _masked_exp(scores, mask):
     l is 1 on rows with no valid entry (where e is all zero), so dividing is always safe.
     """
     m = jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    # The shift cancels in the softmax: keep it out of autodiff (the dense path is differentiated).
+    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
     e = jnp.where(mask, jnp.exp(scores - m[..., None]), 0.0)
     l = jnp.sum(e, axis=-1)
     l = jnp.where(l > 0, l, 1.0)
@@ -97,12 +98,8 @@ def _masked_softmax(scores, mask):
 
     Returns (alpha, lse); lse is 0 on empty rows (never used there: alpha is 0).
     """
-    m = jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1)
-    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-    e = jnp.where(mask, jnp.exp(scores - m[..., None]), 0.0)
-    l = jnp.sum(e, axis=-1)
-    l_safe = jnp.where(l > 0, l, 1.0)
-    return e / l_safe[..., None], m + jnp.log(l_safe)
+    e, l, lse = _masked_exp(scores, mask)
+    return e / l[..., None], lse
 
 
 # --------------------------------------------------------------------------------------------
