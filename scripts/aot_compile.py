@@ -22,12 +22,13 @@ import sys
 import time
 
 GiB = 2 ** 30
-# generation -> (HBM GiB per chip, peak bf16 FLOP/s per chip, TPU_ACCELERATOR_TYPE prefix)
+# generation -> (HBM GiB per chip, TPU_ACCELERATOR_TYPE prefix). Peak FLOP/s come from the
+# training metrics' table (sessa_jax.train.metrics.peak_flops), the one source for MFU.
 CHIPS = {
-    "v4": (32, 275e12, "v4"),
-    "v5e": (16, 197e12, "v5litepod"),
-    "v5p": (95, 459e12, "v5p"),
-    "v6e": (32, 918e12, "v6e"),
+    "v4": (32, "v4"),
+    "v5e": (16, "v5litepod"),
+    "v5p": (95, "v5p"),
+    "v6e": (32, "v6e"),
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e", "v6litepod": "v6e"}
 
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     gen, chips = parse_topology(args.topology)
-    hbm_gib, peak, acc_prefix = CHIPS[gen]
+    hbm_gib, acc_prefix = CHIPS[gen]
     hbm = (args.hbm_gib or hbm_gib) * GiB
     # libtpu reads these; without them it probes GCE metadata and logs noise.
     cores = chips * (2 if gen in ("v4", "v5p") else 1)
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
     from jax.sharding import NamedSharding
 
     from sessa_jax.train.mesh import batch_spec, check_batch, describe, make_mesh
-    from sessa_jax.train.metrics import flops_per_token, param_count
+    from sessa_jax.train.metrics import flops_per_token, param_count, peak_flops
     from sessa_jax.train.state import abstract_with_shardings, make_setup
     from sessa_jax.train.step import make_train_step
 
@@ -181,6 +182,7 @@ def main(argv=None) -> int:
           f"{flops_chip * len(devices):.4g} total; analytic 6N+mixing "
           f"{analytic * tokens:.4g} ({analytic:.4g} per token)")
     # MFU by the analytic model FLOPs (XLA counts remat recompute and may count loop bodies once)
+    peak = peak_flops(gen)  # bf16 FLOP/s per chip
     for mfu in (0.4, 0.6):
         tps = mfu * peak * len(devices) / analytic
         print(f"  at {int(mfu * 100)}% MFU: {tps:,.0f} tokens/s "
