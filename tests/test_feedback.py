@@ -103,3 +103,38 @@ def test_chunked_memory_grows_linearly_dense_quadratically():
     assert c4 <= 5 * c1, (c1, c4)
     assert d4 >= 10 * d1, (d1, d4)
     assert c4 < d4 / 4
+
+
+_SHARDED_SOLVE = r"""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from sessa_jax.ops.feedback import feedback_solve
+mesh = Mesh(np.array(jax.devices()), ("data",))
+B, T, D = 64, 128, 64
+k = jax.random.split(jax.random.key(0), 4)
+q, kb, f = (jax.random.normal(x, (B, T, D)) for x in k[:3])
+g = 0.9 * jnp.tanh(jax.random.normal(k[3], (B, T)))
+args = [jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (q, kb, g, f)]
+for impl in ("chunked", "dense"):
+    loss = lambda q, kb, g, f: jnp.sum(feedback_solve(q, kb, g, f, impl=impl, chunk_size=64) ** 2)
+    jax.block_until_ready(jax.jit(jax.grad(loss, argnums=(0, 3)))(*args))
+    print(impl, "done", flush=True)
+"""
+
+
+def test_batch_sharded_solve_on_two_cpu_devices_finishes():
+    """Regression: jaxlib's batched CPU trsm waits on XLA's intra-op pool, and two devices
+    solving at once on a 2-core host deadlocked (a training step that never returned)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    try:
+        p = subprocess.run([sys.executable, "-c", _SHARDED_SOLVE], env=env, capture_output=True,
+                           text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the batch-sharded feedback solve on 2 CPU devices did not finish in 180 s")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "chunked done" in p.stdout and "dense done" in p.stdout

@@ -69,13 +69,39 @@ def feedback_alpha(q_b, k_b):
     return _masked_softmax(scores, mask)[0]
 
 
+def unit_lower_solve(m, b):
+    """``solve_triangular(m, b, lower=True, unit_diagonal=True)``; m (..., n, n), b (..., n, k).
+
+    On CPU, jaxlib's batched LAPACK trsm splits the batch over XLA's intra-op thread pool and
+    blocks until the pieces finish. With several (virtual) CPU devices running one sharded step,
+    each device's solve can hold a pool thread in that wait while the pieces it waits for have
+    no thread left: a deadlock (seen with 2 devices on a 2-core host at 8 rows per device). On
+    CPU the batch therefore goes through ``lax.map``, one unsplit solve at a time; GPUs and TPUs
+    keep the batched solve. The choice is made per lowering platform, so an ahead-of-time TPU
+    compile on a CPU host still gets the TPU path.
+    """
+    def batched(m, b):
+        return solve_triangular(m, b, lower=True, unit_diagonal=True)
+
+    if m.ndim == 2:
+        return batched(m, b)
+
+    def one_at_a_time(m, b):
+        mf = m.reshape((-1,) + m.shape[-2:])
+        bf = jnp.broadcast_to(b, m.shape[:-2] + b.shape[-2:]).reshape((-1,) + b.shape[-2:])
+        out = jax.lax.map(lambda mb: batched(*mb), (mf, bf))
+        return out.reshape(m.shape[:-2] + b.shape[-2:])
+
+    return jax.lax.platform_dependent(m, b, cpu=one_at_a_time, default=batched)
+
+
 def feedback_dense(q_b, k_b, gamma, f):
     """Reference path: materialised alpha and a triangular solve. Shapes as feedback_solve."""
     acc = _acc_dtype(f.dtype)
     T = f.shape[1]
     alpha = feedback_alpha(q_b, k_b)
     m = jnp.eye(T, dtype=acc) - gamma.astype(acc)[..., None] * alpha
-    s = solve_triangular(m, f.astype(acc), lower=True, unit_diagonal=True)
+    s = unit_lower_solve(m, f.astype(acc))
     return s.astype(f.dtype)
 
 
@@ -172,8 +198,7 @@ def _diag_blocks(q_b, k_b, gamma, c, edges):
     a_cc = jnp.moveaxis(jnp.concatenate(blocks), 0, 1)  # (B, n, c, c)
     g = gamma.reshape(B, -1, c).astype(acc)
     m = jnp.eye(c, dtype=acc) - g[..., None] * a_cc
-    eye = jnp.broadcast_to(jnp.eye(c, dtype=acc), m.shape)
-    inv = solve_triangular(m, eye, lower=True, unit_diagonal=True)
+    inv = unit_lower_solve(m, jnp.eye(c, dtype=acc))
     return lse, a_cc, inv
 
 
