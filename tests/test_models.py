@@ -46,7 +46,9 @@ def _sharding_report() -> dict:
     2-D parameters without a named axis, and |sharded jit forward - unsharded forward|."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    from sessa_jax.models.partitioning import DEFAULT_RULES, tree_logical_to_mesh
+    from sessa_jax.models.partitioning import (
+        DEFAULT_RULES, activation_sharding, tree_logical_to_mesh,
+    )
 
     assert len(jax.devices()) == 8, jax.devices()
     mesh = Mesh(np.asarray(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
@@ -79,8 +81,22 @@ def _sharding_report() -> dict:
             if arr.ndim == 2 and all(n is None for n in tuple(lspec)):
                 unnamed.append(key)
         with use_mesh(mesh):
-            got = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))(placed, tokens)
+            fwd = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
+            got = fwd(placed, tokens)
+
+            def constrained(st, x):
+                with activation_sharding(mesh, DEFAULT_RULES):
+                    return nnx.merge(graphdef, st)(x)
+
+            fwd_c = jax.jit(constrained)
+            got_c = fwd_c(placed, tokens)
+            # Shardy spells a constraint sdy.sharding_constraint, GSPMD custom_call @Sharding
+            count = lambda f: sum(f.lower(placed, tokens).as_text().count(k)
+                                  for k in ("sdy.sharding_constraint", "@Sharding"))
+            n_on, n_off = count(fwd_c), count(fwd)
         out[fam] = {
+            "constrained_diff": float(jnp.max(jnp.abs(got_c - want))),
+            "constraints": [n_off, n_on],
             "specs": specs,
             "unnamed_2d": unnamed,
             "max_abs_diff": float(jnp.max(jnp.abs(got - want))),
@@ -340,6 +356,31 @@ def test_parameters_shard_by_logical_rules(sharding_report, family):
 def test_sharded_forward_equals_unsharded(sharding_report, family):
     r = sharding_report[family]
     assert r["max_abs_diff"] <= 1e-5 * max(1.0, r["scale"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_activation_constraints_apply_only_inside_their_context(sharding_report, family):
+    """Inside activation_sharding the lowered step carries sharding constraints on activations
+    (what keeps the batch sharded under FSDP on a pod) and computes the same logits; outside
+    it the models add none."""
+    r = sharding_report[family]
+    n_off, n_on = r["constraints"]
+    assert n_off == 0 and n_on >= 2 * 1 + 2, r["constraints"]  # embed, block, logits (+ inner)
+    assert r["constrained_diff"] <= 1e-5 * max(1.0, r["scale"])
+
+
+def test_constrain_checks_rank():
+    import jax.numpy as jnp
+    from jax.sharding import Mesh
+
+    from sessa_jax.models.partitioning import DEFAULT_RULES, activation_sharding, constrain
+
+    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    x = jnp.ones((2, 3))
+    assert constrain(x, ("batch", "length", "act_embed")) is x  # no context: identity
+    with activation_sharding(mesh, DEFAULT_RULES):
+        with pytest.raises(ValueError, match="3 names"):
+            constrain(x, ("batch", "length", "act_embed"))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from flax import nnx, struct
 
 from sessa_jax.models.config import AttentionConfig, to_dtype
 from sessa_jax.models.layers import layer_norm, linear
+from sessa_jax.models.partitioning import constrain
 from sessa_jax.ops.attention import cached_attention, causal_attention
 from sessa_jax.ops.rope import apply_rope
 
@@ -80,7 +81,8 @@ class CausalSelfAttention(nnx.Module):
         if cfg.use_rope:
             q = apply_rope(q, positions, cfg.rope_base)
             k = apply_rope(k, positions, cfg.rope_base)
-        return q, k, v
+        heads = ("batch", "length", "act_heads", None)
+        return constrain(q, heads), constrain(k, heads), constrain(v, heads)
 
     def merge_heads(self, o):
         """(B, T, H, d) -> (B, T, D), through out_proj when there is one."""

@@ -20,9 +20,12 @@ from sessa_jax.models.attention import AttentionBlock
 from sessa_jax.models.config import ModelConfig, to_dtype
 from sessa_jax.models.layers import layer_norm, linear, logical
 from sessa_jax.models.mamba import MambaBlock
+from sessa_jax.models.partitioning import constrain
 from sessa_jax.models.sessa import SessaLayer
 
 _MIXERS = {"sessa": SessaLayer, "transformer": AttentionBlock, "mamba": MambaBlock}
+
+_RESIDUAL = ("batch", "length", "act_embed")
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing inside the block
@@ -96,13 +99,14 @@ class DecoderLM(nnx.Module):
 
     def hidden(self, tokens):
         """tokens (B, T) int -> final hidden states (B, T, D), after the final LayerNorm."""
-        x = self.embed(tokens)
+        x = constrain(self.embed(tokens), _RESIDUAL)
         policy = _REMAT_POLICIES.get(self.cfg.remat, "none")
         for block in self.blocks:
             if self.cfg.remat == "none":
                 x = block(x)
             else:
                 x = nnx.remat(lambda b, h: b(h), policy=policy)(block, x)
+            x = constrain(x, _RESIDUAL)
         return self.ln_f(x)
 
     def logits(self, h):
@@ -111,6 +115,8 @@ class DecoderLM(nnx.Module):
             out = self.lm_head(h)
         else:
             out = self.embed.attend(h)
+        if out.ndim == 3:
+            out = constrain(out, ("batch", "length", "act_vocab"))
         return out.astype(jnp.float32)
 
     def __call__(self, tokens):

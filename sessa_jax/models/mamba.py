@@ -35,6 +35,7 @@ from flax import nnx, struct
 
 from sessa_jax.models.config import MambaConfig, to_dtype
 from sessa_jax.models.layers import layer_norm, linear, logical, torch_uniform
+from sessa_jax.models.partitioning import constrain
 from sessa_jax.ops.ssm import selective_scan, selective_scan_step
 
 _DT_INIT_FLOOR = 1e-4  # Mamba's dt_init_floor
@@ -142,7 +143,8 @@ class MambaBlock(nnx.Module):
         B, T, _ = u.shape
         E, K = self.cfg.d_inner, self.cfg.d_conv
         xz = self.in_proj(u)
-        x, z = xz[..., :E], xz[..., E:]
+        inner = ("batch", "length", "act_mlp")
+        x, z = constrain(xz[..., :E], inner), constrain(xz[..., E:], inner)
         if conv_state is None:
             conv_state = jnp.zeros((B, K - 1, E), x.dtype)
         xp = jnp.concatenate([conv_state.astype(x.dtype), x], axis=1)

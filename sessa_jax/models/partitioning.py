@@ -12,14 +12,26 @@ Names:
   fb     Sessa's feedback projection outputs (single full-width head)
   state  SSM state size           conv   SSM convolution taps
   norm   LayerNorm scale/bias     layers stacked-layer axis (scanned layers)
+
+Activations are annotated too (``constrain``), so that GSPMD keeps the batch sharded inside
+the model instead of trading it for the fsdp-sharded weight width: without them XLA:TPU
+all-gathered the batch and built the (B, H, T, T) attention logits for the *global* batch.
+  batch      rows                 length   positions
+  act_embed  residual-stream width (replicated: FSDP gathers weights, not activations)
+  act_heads  attention heads      act_mlp  inner widths (Mamba's E; Sessa keeps widths whole)
+  act_vocab  logits' vocabulary
+Constraints only apply inside ``activation_sharding(mesh, rules)``; with no mesh set the models
+are plain single-device code.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Mapping, Optional, Sequence, Union
 
 import jax
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 MeshAxes = Union[None, str, tuple[str, ...]]
 
@@ -38,7 +50,15 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     # activations
     "batch": ("data", "fsdp"),
     "length": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
 }
+
+# (mesh, rules) while a sharded step is being traced; None elsewhere.
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("sessa_activation_sharding",
+                                                         default=None)
 
 
 def logical_to_mesh(spec: Sequence[Optional[str]], rules: Mapping[str, MeshAxes]) -> P:
@@ -69,3 +89,28 @@ def tree_logical_to_mesh(logical_specs, rules: Mapping[str, MeshAxes]):
         logical_specs,
         is_leaf=lambda x: isinstance(x, P),
     )
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh, rules: Mapping[str, MeshAxes]):
+    """Within this block, :func:`constrain` pins activations to ``mesh`` by ``rules``.
+
+    Enter it inside the function being jitted (it acts at trace time).
+    """
+    token = _ACTIVE.set((mesh, dict(rules)))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
+    """``with_sharding_constraint`` by logical names, e.g. ('batch', 'length', 'act_embed');
+    the identity outside :func:`activation_sharding`."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    if len(names) != x.ndim:
+        raise ValueError(f"constrain: {len(names)} names {tuple(names)} for shape {x.shape}")
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_mesh(names, rules)))

@@ -19,7 +19,17 @@ from flax import nnx, struct
 from sessa_jax.models.attention import CausalSelfAttention, check_capacity, write_rows
 from sessa_jax.models.config import SessaConfig, to_dtype
 from sessa_jax.models.layers import layer_norm, linear, logical
+from sessa_jax.models.partitioning import constrain
 from sessa_jax.ops.feedback import feedback_decode_step, feedback_solve
+
+
+# Sessa's activations are split by rows only, never by width. The routing scores contract over
+# all of D (q_b, k_b whole per row). The solve is column-wise in f, so f, a and g could in
+# principle keep a tensor-split width, but with that constraint XLA's SPMD partitioner
+# (jax 0.10.2, CPU, mesh 2x2x2) returned wrong layer outputs (|err| ~0.1, while every
+# intermediate matched when returned alone), so they stay whole until that is understood;
+# tests/test_models.py checks constrained == unconstrained logits on that mesh.
+_ROWS = ("batch", "length", None)
 
 
 @struct.dataclass
@@ -66,11 +76,12 @@ class SessaMixer(CausalSelfAttention):
         q_b, k_b = jnp.split(self.proj_fb(a), 2, axis=-1)
         gb = self.gamma_bias[...].astype(a.dtype)
         gamma = self.cfg.gamma_max * jnp.tanh(gb + self.gamma_ctx(a)[..., 0])
-        return q_b, k_b, gamma
+        return constrain(q_b, _ROWS), constrain(k_b, _ROWS), constrain(gamma, _ROWS[:2])
 
     def __call__(self, a, *, return_state: bool = False):
         """a: (B, T, D) -> s: (B, T, D). With return_state, also the values a cache holds."""
         f, (k, v) = self.attend(a, return_kv=True)
+        f = constrain(f, _ROWS)
         q_b, k_b, gamma = self._feedback_inputs(a)
         s = feedback_solve(
             q_b, k_b, gamma, f, impl=self.cfg.feedback_impl, chunk_size=self.cfg.chunk_size
@@ -108,7 +119,7 @@ class SessaLayer(nnx.Module):
 
     def _pre(self, x):
         a, g = jnp.split(self.W_in(self.ln(x)), 2, axis=-1)
-        return jax.nn.gelu(a, approximate=False), g
+        return constrain(jax.nn.gelu(a, approximate=False), _ROWS), constrain(g, _ROWS)
 
     def __call__(self, x):
         a, g = self._pre(x)

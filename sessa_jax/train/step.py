@@ -23,6 +23,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sessa_jax.data import num_scored_examples, sequence_correct
+from sessa_jax.models.partitioning import activation_sharding
 from sessa_jax.train.config import TrainConfig
 from sessa_jax.train.mesh import batch_spec, replicated
 from sessa_jax.train.state import Setup, TrainState, lr_schedule
@@ -66,6 +67,10 @@ def make_train_step(cfg: TrainConfig, setup: Setup) -> Callable:
         return g, sums
 
     def step(state: TrainState, batch: dict):
+        with activation_sharding(mesh, rules):
+            return _step(state, batch)
+
+    def _step(state: TrainState, batch: dict):
         denom = jnp.maximum(jnp.sum(batch["loss_mask"] > 0, dtype=jnp.float32), 1.0)
         if accum == 1:
             grads, sums = grads_of(state.params, batch, denom)
@@ -129,7 +134,8 @@ def make_eval_step(cfg: TrainConfig, setup: Setup, byte_lengths: Optional[np.nda
     table = None if byte_lengths is None else jnp.asarray(byte_lengths, jnp.float32)
 
     def ev(params, batch):
-        logits = model_def(params)(batch["inputs"])
+        with activation_sharding(mesh, rules):
+            logits = model_def(params)(batch["inputs"])
         targets, mask = batch["targets"], batch["loss_mask"]
         scored = mask > 0
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
