@@ -63,6 +63,10 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True, help="training config YAML")
     p.add_argument("--topology", required=True, help="TPU slice, e.g. v5e:2x2, v5p:4x4x8")
     p.add_argument("--hbm-gib", type=float, default=None, help="override the chip's HBM (GiB)")
+    p.add_argument("--show-error", action="store_true",
+                   help="print XLA's whole out-of-memory report (largest buffers and their ops)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the figures (and the date, versions, config) as JSON")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = p.parse_args(argv)
 
@@ -138,6 +142,8 @@ def main(argv=None) -> int:
         compiled = lowered.compile()
     except Exception as e:
         msg = str(e)
+        if args.show_error:
+            print(msg, file=sys.stderr)
         # XLA:TPU refuses programs that exceed HBM: "Used 40.1G of 15.75G hbm"
         m = re.search(r"Used\s+([0-9.]+)([KMGT])?\s+of\s+([0-9.]+)([KMGT])?\s+hbm", msg)
         if m or "RESOURCE_EXHAUSTED" in msg or "Ran out of memory" in msg:
@@ -187,6 +193,28 @@ def main(argv=None) -> int:
         tps = mfu * peak * len(devices) / analytic
         print(f"  at {int(mfu * 100)}% MFU: {tps:,.0f} tokens/s "
               f"({tps / len(devices):,.0f} per chip), {tokens / tps:.2f} s per step")
+    if args.json:
+        import datetime
+        import json
+
+        import jax as _jax
+        import jaxlib
+        rec = {
+            "date": datetime.date.today().isoformat(), "config": args.config,
+            "topology": args.topology, "overrides": args.overrides, "chips": len(devices),
+            "hosts": hosts, "mesh": describe(mesh), "params": n_params,
+            "global_batch": G, "seq_len": T, "remat": cfg.model.remat,
+            "bytes_per_chip": {"arguments": arg, "outputs": out, "aliased": alias,
+                               "temporary": temp, "code": code, "total": need},
+            "hbm_bytes": hbm, "fits": need <= hbm, "xla_flops_per_chip": flops_chip,
+            "analytic_flops_per_token": analytic,
+            "tokens_per_sec_at_40_60_mfu": [0.4 * peak * len(devices) / analytic,
+                                            0.6 * peak * len(devices) / analytic],
+            "compile_sec": t2 - t1, "jax": _jax.__version__, "jaxlib": jaxlib.__version__,
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(rec, f, indent=2)
     if need > hbm:
         return does_not_fit(need, hbm)
     print(f"fits: {_fmt_gib(need)} of {_fmt_gib(hbm)} per chip")
