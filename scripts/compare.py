@@ -5,8 +5,8 @@
         --families sessa,transformer,mamba --budget-tokens 2000000 --eval-lengths 512,1024 \\
         --out runs/compare-mqar [key=value ...]
 
-The task config's model is replaced per family by configs/models/<family>-tiny.yaml
-(--sizing tiny, default) or by match_widths to the task model's parameter count
+The task config's model is replaced per family by configs/models/<family>-<S>.yaml
+(--sizing S: tiny (default), 10m, 125m, 350m) or by match_widths to the task model's parameter count
 (--sizing match); key=value overrides apply to every family afterwards. Each family trains
 in OUT/<family>/ (re-running resumes/only evaluates finished runs). Writes OUT/results.md,
 results.csv, learning_curves.png and accuracy_vs_length.png.
@@ -28,7 +28,9 @@ def main(argv=None) -> int:
     p.add_argument("--budget-tokens", type=float, default=None,
                    help="training tokens per family (default: the task config's steps)")
     p.add_argument("--eval-lengths", default="", help="comma-separated longer eval lengths")
-    p.add_argument("--sizing", default="tiny", choices=("tiny", "match"))
+    p.add_argument("--sizing", default="tiny",
+                   help="'match' (widths matched to the task model's size) or a suffix S of "
+                        "configs/models/<family>-S.yaml: tiny, 10m, 125m, 350m")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (all families)")
     a = p.parse_args(argv)

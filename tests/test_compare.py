@@ -34,3 +34,23 @@ def test_compare_tiny(tmp_path):
     assert "| sessa |" in md and "| mamba |" in md and "acc@64" in md
     for fam in ("sessa", "mamba"):
         assert os.path.exists(os.path.join(out, fam, "metrics.jsonl"))
+
+
+def test_sizing_suffix_picks_the_matched_model_files():
+    """--sizing 10m takes configs/models/<family>-10m.yaml: the three are within 1% in size."""
+    import pytest
+
+    from sessa_jax.models.sizing import param_count
+    from sessa_jax.science.compare import family_raw_config
+    from sessa_jax.train import from_dict
+
+    task = os.path.join(os.path.dirname(__file__), "..", "configs", "tasks", "mqar-sessa.yaml")
+    counts = {}
+    for fam in ("sessa", "transformer", "mamba"):
+        raw = family_raw_config(task, fam, "10m", ["run.output_dir=/tmp/unused"])
+        assert raw["model"]["family"] == fam
+        counts[fam] = param_count(from_dict(raw).model)
+    assert max(counts.values()) / min(counts.values()) < 1.01, counts
+    assert 9.5e6 < counts["sessa"] < 10.5e6
+    with pytest.raises(ValueError, match="no configs/models/sessa-huge.yaml.*10m.*tiny"):
+        family_raw_config(task, "sessa", "huge")

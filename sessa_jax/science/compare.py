@@ -1,8 +1,8 @@
 """Matched comparisons: one task, several model families, the same training-token budget.
 
 For each family the task config's ``model`` section is replaced by a matched-size model:
-``configs/models/<family>-tiny.yaml`` (``sizing="tiny"``, matched to ~100k parameters there)
-or, with ``sizing="match"``, :func:`sessa_jax.models.sizing.match_widths` to the parameter
+``configs/models/<family>-<sizing>.yaml`` (``sizing="tiny"``: ~100k parameters, ``"10m"``,
+``"125m"``, ``"350m"``: the families are width-matched in those files) or, with ``sizing="match"``, :func:`sessa_jax.models.sizing.match_widths` to the parameter
 count of the task config's own model at its depth. ``key=value`` overrides then apply to
 every family (e.g. ``model.d_model=16``). Steps are set so that every family sees
 ``budget_tokens`` training tokens (steps = budget / (global_batch_size * seq_len)); each run
@@ -44,9 +44,16 @@ def family_raw_config(task_config: str, family: str, sizing: str = "tiny",
     model = raw.get("model") or {}
     if isinstance(model, str):
         model = _model_yaml(model, base_dir)
-    if sizing == "tiny":
-        new = _model_yaml(os.path.join(REPO, "configs", "models", f"{family}-tiny.yaml"), base_dir)
-    elif sizing == "match":
+    if sizing != "match":
+        path = os.path.join(REPO, "configs", "models", f"{family}-{sizing}.yaml")
+        if not os.path.isfile(path):
+            have = sorted({n.rsplit("-", 1)[1][:-5] for n in
+                           os.listdir(os.path.join(REPO, "configs", "models"))
+                           if n.startswith(f"{family}-") and n.endswith(".yaml")})
+            raise ValueError(f"sizing={sizing!r}: no configs/models/{family}-{sizing}.yaml; "
+                             f"expected 'match' or one of {', '.join(have)}")
+        new = _model_yaml(path, base_dir)
+    else:
         ref = from_dict({**raw, "model": model, "run": {**raw.get("run", {}),
                                                         "output_dir": "/tmp/unused"}},
                         base_dir)
@@ -54,8 +61,6 @@ def family_raw_config(task_config: str, family: str, sizing: str = "tiny",
                                        tie_embeddings=ref.model.tie_embeddings).items()}
         m = match_widths(param_count(ref.model), ref.model.n_layers, [family], **fixed)[family]
         new = config_fields(m.config)
-    else:
-        raise ValueError(f"sizing={sizing!r}: expected tiny or match")
     new = dict(new)
     new["family"] = family
     raw["model"] = new
