@@ -21,4 +21,19 @@ for n in "${names[@]}"; do
     --json "benchmarks/aot/$n.json" > "$log" 2>&1 || status=1
   grep -v '^WARNING\|^I0000\|^E0000' "$log"; rm -f "$log"
 done
+# The table BENCHMARKS.md quotes, from every JSON present.
+python - <<'PY'
+import glob, json
+GiB = 2 ** 30
+print("\n| config | slice | mesh | params | per-chip total (temporaries) of HBM | fits | tokens/s at 40% MFU |")
+print("|---|---|---|---|---|---|---|")
+for path in sorted(glob.glob("benchmarks/aot/*.json")):
+    r = json.load(open(path))
+    b = r["bytes_per_chip"]
+    mesh = r["mesh"].split(" on ")[0].replace("mesh ", "")
+    print(f"| {r['config'].split('/')[-1][:-5]} | {r['topology']} ({r['chips']} chips) | {mesh} | "
+          f"{r['params'] / 1e9:.2f}B | {b['total'] / GiB:.1f} GiB ({b['temporary'] / GiB:.1f}) of "
+          f"{r['hbm_bytes'] / GiB:.0f} GiB | {'yes' if r['fits'] else 'NO'} | "
+          f"{r['tokens_per_sec_at_40_60_mfu'][0]:,.0f} |")
+PY
 exit $status
