@@ -142,7 +142,9 @@ class MambaConfig:
     dt_max: float = 1e-1
     ln_eps: float = 1e-5
     scan_impl: Literal["associative", "chunked", "sequential"] = "chunked"
-    chunk_size: int = 64
+    # H100, B=64 T=1024 E=1008 fwd+bwd (BENCHMARKS.md): chunk 16 52.8 ms, 256 69.2 ms, and 64
+    # 261 ms (XLA handles that size badly: 5x slower and a 57 s compile), so not 64.
+    chunk_size: int = 16
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -199,6 +201,7 @@ class ModelConfig:
     expand: int = 2
     d_conv: int = 4
     scan_impl: Literal["associative", "chunked", "sequential"] = "chunked"
+    ssm_chunk_size: int = 16  # the Mamba block's scan chunk (chunk_size is Sessa's)
     # execution
     remat: Remat = "none"
     dtype: str = "float32"
@@ -236,7 +239,8 @@ class ModelConfig:
             )
         return MambaConfig(
             d_model=self.d_model, d_state=self.d_state, expand=self.expand, d_conv=self.d_conv,
-            ln_eps=self.ln_eps, scan_impl=self.scan_impl, dtype=self.dtype,
+            ln_eps=self.ln_eps, scan_impl=self.scan_impl, chunk_size=self.ssm_chunk_size,
+            dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
 

@@ -125,7 +125,7 @@ def selective_scan(
     h0: Optional[jax.Array] = None,
     *,
     impl: ScanImpl = "chunked",
-    chunk_size: int = 64,
+    chunk_size: int = 16,
 ) -> tuple[jax.Array, jax.Array]:
     """Mamba-1 selective scan (see the module docstring for the recurrence).
 
