@@ -93,7 +93,7 @@ class CausalSelfAttention(nnx.Module):
     def attend(self, x, *, return_kv: bool = False):
         """Full causal sequence. x (B, T, D) -> (B, T, D) [, (k, v) for a cache]."""
         q, k, v = self.qkv(x, jnp.arange(x.shape[1]))
-        o = self.merge_heads(causal_attention(q, k, v))
+        o = self.merge_heads(causal_attention(q, k, v, impl=self.acfg.attention_impl))
         return (o, (k, v)) if return_kv else o
 
     def attend_cached(self, x_t, k_cache, v_cache, pos):

@@ -13,6 +13,8 @@ from typing import Literal, Optional
 
 import jax.numpy as jnp
 
+from sessa_jax.ops.attention import ATTENTION_IMPLS, AttentionImpl, check_attention_impl
+
 FeedbackImpl = Literal["dense", "chunked"]
 Family = Literal["sessa", "transformer", "mamba"]
 Remat = Literal["none", "full", "dots"]
@@ -33,6 +35,13 @@ def _check_dtype(field: str, value: str) -> None:
 def _check_positive(field: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{field}={value!r}: expected a positive integer")
+
+
+def _check_attention(impl: str, head_dim: int, dtype: str) -> None:
+    if dtype in _DTYPES:  # a bad dtype gets its own message from _check_dtype
+        check_attention_impl(impl, head_dim=head_dim, dtype=to_dtype(dtype))
+    elif impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={impl!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
 
 
 def _check_heads(prefix: str, d_model: int, n_heads: int, n_kv_heads: Optional[int], rope: bool):
@@ -68,11 +77,13 @@ class SessaConfig:
     ln_eps: float = 1e-5
     feedback_impl: FeedbackImpl = "chunked"
     chunk_size: int = 512  # rows per block of the chunked feedback solve (H100: 512 beat 256)
+    attention_impl: AttentionImpl = "auto"  # the forward branch's backend (ops/attention.py)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
 
     def __post_init__(self):
         _check_heads("", self.d_model, self.n_heads, self.n_kv_heads, self.use_rope)
+        _check_attention(self.attention_impl, self.d_model // self.n_heads, self.dtype)
         if not (isinstance(self.gamma_max, (int, float)) and 0.0 < self.gamma_max < 1.0):
             raise ValueError(f"gamma_max={self.gamma_max!r}: expected a number in (0, 1)")
         if self.feedback_impl not in ("dense", "chunked"):
@@ -98,7 +109,7 @@ class SessaConfig:
         return AttentionConfig(
             d_model=self.d_model, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
             use_rope=self.use_rope, rope_base=self.rope_base, ln_eps=self.ln_eps,
-            dtype=self.dtype, param_dtype=self.param_dtype,
+            attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype,
         )
 
 
@@ -112,11 +123,13 @@ class AttentionConfig:
     use_rope: bool = True
     rope_base: float = 10000.0
     ln_eps: float = 1e-5
+    attention_impl: AttentionImpl = "auto"
     dtype: str = "float32"
     param_dtype: str = "float32"
 
     def __post_init__(self):
         _check_heads("", self.d_model, self.n_heads, self.n_kv_heads, self.use_rope)
+        _check_attention(self.attention_impl, self.d_model // self.n_heads, self.dtype)
         _check_dtype("dtype", self.dtype)
         _check_dtype("param_dtype", self.param_dtype)
 
@@ -192,6 +205,7 @@ class ModelConfig:
     use_rope: bool = True
     rope_base: float = 10000.0
     ln_eps: float = 1e-5
+    attention_impl: AttentionImpl = "auto"  # sessa/transformer attention backend
     # Sessa
     gamma_max: float = 0.999
     feedback_impl: FeedbackImpl = "chunked"
@@ -229,13 +243,15 @@ class ModelConfig:
                 d_model=self.d_model, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
                 use_rope=self.use_rope, rope_base=self.rope_base, gamma_max=self.gamma_max,
                 ln_eps=self.ln_eps, feedback_impl=self.feedback_impl,
-                chunk_size=self.chunk_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                chunk_size=self.chunk_size, attention_impl=self.attention_impl,
+                dtype=self.dtype, param_dtype=self.param_dtype,
             )
         if self.family == "transformer":
             return AttentionConfig(
                 d_model=self.d_model, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
                 use_rope=self.use_rope, rope_base=self.rope_base, ln_eps=self.ln_eps,
-                dtype=self.dtype, param_dtype=self.param_dtype,
+                attention_impl=self.attention_impl, dtype=self.dtype,
+                param_dtype=self.param_dtype,
             )
         return MambaConfig(
             d_model=self.d_model, d_state=self.d_state, expand=self.expand, d_conv=self.d_conv,

@@ -104,6 +104,12 @@ def activation_sharding(mesh, rules: Mapping[str, MeshAxes]):
         _ACTIVE.reset(token)
 
 
+def active_mesh():
+    """(mesh, rules) inside :func:`activation_sharding`, else None (for ops that must place
+    kernels under ``shard_map`` themselves, like splash attention)."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
     """``with_sharding_constraint`` by logical names, e.g. ('batch', 'length', 'act_embed');
     the identity outside :func:`activation_sharding`."""

@@ -72,10 +72,17 @@ class SessaMixer(CausalSelfAttention):
         )
 
     def _feedback_inputs(self, a):
-        """a (B, T, D) -> q_b, k_b (B, T, D), gamma (B, T)."""
+        """a (B, T, D) -> q_b, k_b (B, T, D) in the compute dtype, gamma (B, T) float32.
+
+        gamma is computed in float32 (float64 for float64 inputs) whatever the compute dtype:
+        bfloat16 has no value between 0.99609375 and 1, so gamma_max = 0.999 would round to 1
+        and break the |gamma| < 1 contraction exactly where long memory lives.
+        """
         q_b, k_b = jnp.split(self.proj_fb(a), 2, axis=-1)
-        gb = self.gamma_bias[...].astype(a.dtype)
-        gamma = self.cfg.gamma_max * jnp.tanh(gb + self.gamma_ctx(a)[..., 0])
+        acc = jnp.float64 if a.dtype == jnp.float64 else jnp.float32
+        w = self.gamma_ctx.kernel[...].astype(acc)[:, 0]  # (D,)
+        z = self.gamma_bias[...].astype(acc) + jnp.einsum("btd,d->bt", a.astype(acc), w)
+        gamma = jnp.asarray(self.cfg.gamma_max, acc) * jnp.tanh(z)
         return constrain(q_b, _ROWS), constrain(k_b, _ROWS), constrain(gamma, _ROWS[:2])
 
     def __call__(self, a, *, return_state: bool = False):
@@ -85,7 +92,7 @@ class SessaMixer(CausalSelfAttention):
         q_b, k_b, gamma = self._feedback_inputs(a)
         s = feedback_solve(
             q_b, k_b, gamma, f, impl=self.cfg.feedback_impl, chunk_size=self.cfg.chunk_size
-        )
+        )  # s in the compute dtype; the solve's statistics and carries are float32
         return (s, (k, v, k_b)) if return_state else s
 
     def decode_step(self, a_t, cache: SessaCache):
