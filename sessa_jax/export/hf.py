@@ -282,8 +282,11 @@ def _tensor_files(path: str) -> dict[str, str]:
 
     ipath = os.path.join(path, INDEX_NAME)
     if os.path.isfile(ipath):
-        with open(ipath, encoding="utf-8") as f:
-            wm = json.load(f).get("weight_map", {})
+        try:
+            with open(ipath, encoding="utf-8") as f:
+                wm = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ExportError(f"{ipath}: not a readable index ({type(e).__name__}: {e})") from None
         gone = sorted({v for v in wm.values() if not os.path.isfile(os.path.join(path, v))})
         if gone:
             raise ExportError(f"{path}: shard files listed in {INDEX_NAME} are missing: "
@@ -292,8 +295,12 @@ def _tensor_files(path: str) -> dict[str, str]:
     single = os.path.join(path, SINGLE_NAME)
     if not os.path.isfile(single):
         raise ExportError(f"{path}: neither {SINGLE_NAME} nor {INDEX_NAME} found")
-    with safe_open(single, "numpy") as f:
-        return {k: SINGLE_NAME for k in f.keys()}
+    try:
+        with safe_open(single, "numpy") as f:
+            return {k: SINGLE_NAME for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise ExportError(f"{single}: unreadable safetensors file ({type(e).__name__}: {e})"
+                          ) from None
 
 
 def _read_tensors(path: str) -> dict[str, np.ndarray]:

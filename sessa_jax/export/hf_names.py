@@ -22,7 +22,7 @@ Names (``i`` = layer index; the Sessa layer's own names are the author's, from
     lm_head.weight                               (V, D)      lm_head.kernel (untied heads only)
     cls_head.weight / .bias                      (C, D)      cls_head.* (num_classes > 0)
 
-Pure NumPy: no torch needed.
+NumPy only: no torch needed.
 """
 
 from __future__ import annotations
@@ -59,17 +59,13 @@ def _norm(hf: str, jax: str) -> list[Entry]:
     return [Entry(f"{hf}.weight", f"{jax}.scale", "copy"), Entry(f"{hf}.bias", f"{jax}.bias", "copy")]
 
 
-def sessa_layer_entries(cfg_n_heads: int, hf_prefix: str, jax_prefix: str) -> list[Entry]:
-    """One Sessa layer under the author's names (``ln``, ``W_in``, ``mixer.q_proj`` ...)."""
-    p, j = hf_prefix, jax_prefix
-    e = _norm(f"{p}ln", f"{j}ln") + _lin(f"{p}W_in", f"{j}W_in") + _lin(f"{p}W_out", f"{j}W_out")
-    for name in ("q_proj", "k_proj", "v_proj", "proj_fb"):
-        e += _lin(f"{p}mixer.{name}", f"{j}mixer.{name}")
-    if cfg_n_heads > 1:  # one head: the reference uses the identity, no out_proj
-        e += _lin(f"{p}mixer.out_proj", f"{j}mixer.out_proj", bias=False)
-    e += _lin(f"{p}mixer.gamma_ctx", f"{j}mixer.gamma_ctx", bias=False)
-    e.append(Entry(f"{p}mixer.gamma_bias", f"{j}mixer.gamma_bias", "copy"))
-    return e
+def sessa_layer_entries(n_heads: int, hf_prefix: str, jax_prefix: str) -> list[Entry]:
+    """One Sessa layer under the author's names (``ln``, ``W_in``, ``mixer.q_proj`` ...), from
+    the single-layer table of :mod:`sessa_jax.interop`."""
+    from sessa_jax.interop import layer_name_table
+
+    return [Entry(hf_prefix + name, jax_prefix + ".".join(path), "linear" if t else "copy")
+            for name, (path, t) in layer_name_table(n_heads).items()]
 
 
 def _attention_entries(n_heads: int, p: str, j: str) -> list[Entry]:
