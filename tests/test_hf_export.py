@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +30,14 @@ from sessa_jax.models.lm import DecoderLM
 from conftest import rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_MODULES_CACHE = tempfile.mkdtemp(prefix="sessa-hf-modules-")
 
 
 def _hf():
     """(torch, AutoModelForCausalLM); a failure, not a silent skip, when they are missing."""
+    # Local directories only: never ask the Hub; keep the copied model code out of ~/.cache.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_MODULES_CACHE", _MODULES_CACHE)
     try:
         import torch
         from transformers import AutoModelForCausalLM
