@@ -312,6 +312,21 @@ def test_text_run_exports_its_tokenizer(tmp_path):
     assert (conf["pad_token_id"], conf["bos_token_id"], conf["eos_token_id"]) == (0, 1, 2)
     assert os.path.isfile(tmp_path / "x" / "sessa_tokenizer.json")
 
+    _hf()
+    from transformers import AutoTokenizer
+
+    from sessa_jax.data.tokenizer import ByteTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "x"))
+    text = "hi ü\n\x00  end"
+    ids = tok(text)["input_ids"]
+    assert ids == [1] + ByteTokenizer().encode(text).tolist()  # [bos] + bytes, as generate.py
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    # a re-export of a run without a tokenizer removes the old tokenizer files
+    export_hf(params, model.cfg, str(tmp_path / "x"))
+    assert not {"tokenizer.json", "sessa_tokenizer.json"} & set(os.listdir(tmp_path / "x"))
+
 
 def test_whole_model_author_naming():
     from sessa_jax.interop import layer_to_reference, model_from_reference, model_to_reference

@@ -14,8 +14,9 @@ A directory holds:
   ``num_attention_heads`` ...), and the full ModelConfig under ``sessa_jax.model`` so that an
   import gets the execution settings (feedback_impl, chunk sizes ...) back too;
 * ``configuration_sessa.py`` and ``modeling_sessa.py`` (copied from ``hf_files/``);
-* the tokenizer when the run trained on text: ``sessa_tokenizer.json`` (its ids) and, for a
-  SentencePiece model, ``tokenizer.model``.
+* the tokenizer when the run trained on text: ``sessa_tokenizer.json`` (its ids); for the byte
+  tokenizer also ``tokenizer.json`` / ``tokenizer_config.json`` (``AutoTokenizer`` loads them),
+  for a SentencePiece model its ``tokenizer.model``.
 
 Writing needs only NumPy and safetensors; loading the PyTorch model needs torch and transformers.
 """
@@ -171,7 +172,8 @@ def _write_shards(tensors: Mapping[str, np.ndarray], out_dir: str, limit: int) -
 
 def _tokenizer_files(tokenizer_spec: Optional[str], out_dir: str) -> Optional[dict]:
     """Write the run's tokenizer (its ids, and the SentencePiece file) -> its id dict."""
-    for old in (TOKENIZER_NAME, "tokenizer.model"):
+    for old in (TOKENIZER_NAME, "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json"):
         if os.path.exists(os.path.join(out_dir, old)):
             os.remove(os.path.join(out_dir, old))
     if tokenizer_spec is None:
@@ -183,8 +185,11 @@ def _tokenizer_files(tokenizer_spec: Optional[str], out_dir: str) -> Optional[di
             "vocab_size": int(tok.vocab_size), "pad_id": int(tok.pad_id),
             "bos_id": int(tok.bos_id), "eos_id": int(tok.eos_id)}
     if info["type"] == "bytes":
+        from sessa_jax.export.hf_tokenizer import write_byte_tokenizer
+
         info["offset"] = int(tok.offset)
         info["layout"] = "0 <pad>, 1 <bos>, 2 <eos>, byte b -> b + 3"
+        write_byte_tokenizer(out_dir)  # AutoTokenizer.from_pretrained(out_dir) then works
     else:
         shutil.copyfile(tokenizer_spec, os.path.join(out_dir, "tokenizer.model"))
         info["file"] = "tokenizer.model"
