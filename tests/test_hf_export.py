@@ -266,6 +266,15 @@ def test_bad_checkpoints_list_every_problem(tmp_path, capsys):
     open(f, "wb").write(data[: len(data) // 2])
     with pytest.raises(ExportError, match="model.safetensors"):
         read_hf(trunc)
+    # non-finite values
+    nan = str(tmp_path / "nan")
+    export_hf(params, model.cfg, nan)
+    f = os.path.join(nan, "model.safetensors")
+    t = load_file(f)
+    t["model.layers.1.self_attn.v_proj.bias"][3] = np.nan
+    save_file(t, f, metadata={"format": "pt"})
+    with pytest.raises(ExportError, match=r"non-finite .* model.layers.1.self_attn.v_proj.bias"):
+        read_hf(nan)
     # not this architecture
     conf = json.load(open(os.path.join(good, "config.json")))
     conf["model_type"] = "llama"

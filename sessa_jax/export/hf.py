@@ -355,6 +355,11 @@ def read_hf(path: str) -> tuple[ModelConfig, dict, dict]:
                     {k: s for k, (s, _) in want.items()}, path, allowed_extra=extra)
     except NameMismatchError as e:
         raise ExportError(str(e)) from None
+    bad = sorted(e.hf for e in entries if np.issubdtype(state[e.hf].dtype, np.floating)
+                 and not np.isfinite(state[e.hf]).all())
+    if bad:  # a diverged or damaged checkpoint would only make a run that cannot train
+        raise ExportError(f"{path}: non-finite values (NaN/inf) in {len(bad)} tensor(s): "
+                          + ", ".join(bad))
     flat = rename(state, entries, to_hf=False)
     leaves, treedef = jax.tree_util.tree_flatten(abstract)
     names = list(flatten_params(abstract))  # same order as the leaves
