@@ -326,7 +326,8 @@ def test_text_run_exports_its_tokenizer(tmp_path):
 
     from sessa_jax.data.tokenizer import ByteTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tmp_path / "x"))
+    # trust_remote_code: AutoTokenizer reads config.json, whose auto_map names our code
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "x"), trust_remote_code=True)
     text = "hi ü\n\x00  end"
     ids = tok(text)["input_ids"]
     assert ids == [1] + ByteTokenizer().encode(text).tolist()  # [bos] + bytes, as generate.py

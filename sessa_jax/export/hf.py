@@ -189,7 +189,7 @@ def _tokenizer_files(tokenizer_spec: Optional[str], out_dir: str) -> Optional[di
 
         info["offset"] = int(tok.offset)
         info["layout"] = "0 <pad>, 1 <bos>, 2 <eos>, byte b -> b + 3"
-        write_byte_tokenizer(out_dir)  # AutoTokenizer.from_pretrained(out_dir) then works
+        write_byte_tokenizer(out_dir)  # for AutoTokenizer.from_pretrained
     else:
         shutil.copyfile(tokenizer_spec, os.path.join(out_dir, "tokenizer.model"))
         info["file"] = "tokenizer.model"

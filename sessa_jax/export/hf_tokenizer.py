@@ -3,8 +3,9 @@
 sessa_jax's byte layout (``sessa_jax/data/tokenizer.py``): 0 <pad>, 1 <bos>, 2 <eos>, byte b ->
 id b + 3. Written as a `tokenizers` BPE model with no merges over the 256 byte symbols, behind a
 byte-level pre-tokenizer (so every UTF-8 byte is one token), with <bos> prepended as
-``scripts/generate.py`` does. ``AutoTokenizer.from_pretrained(dir)`` then encodes and decodes
-exactly like ByteTokenizer. Plain JSON: writing it needs no tokenizers package.
+``scripts/generate.py`` does. ``AutoTokenizer.from_pretrained(dir, trust_remote_code=True)``
+(the flag because it reads config.json, whose auto_map names the model code) then encodes and
+decodes exactly like ByteTokenizer. Plain JSON: writing it needs no tokenizers package.
 """
 
 from __future__ import annotations
