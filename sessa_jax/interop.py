@@ -1,4 +1,4 @@
-"""Exchange single Sessa layers with the author's PyTorch implementation.
+"""Exchange Sessa layers, and whole Sessa stacks, with the author's PyTorch naming.
 
 PyTorch names (state_dict) <-> this package's parameters. A PyTorch Linear stores ``weight`` as
 (out, in); our kernels are (in, out), so weights are transposed on the way in and out.
@@ -6,6 +6,14 @@ PyTorch names (state_dict) <-> this package's parameters. A PyTorch Linear store
     state = load_reference_state("layer.safetensors")      # no torch needed
     layer = layer_from_reference(state, SessaConfig(d_model=768, n_heads=12))
     state2 = layer_to_reference(layer)                       # same names, NumPy arrays
+
+Whole models (family "sessa"): every layer under ``layers.{i}.`` + the layer names above, plus
+
+    embedding.weight (V, D), norm.weight / norm.bias (D,), lm_head.weight (V, D) when untied,
+    layers.{i}.mlp.{ln.weight, ln.bias, gate_proj.weight, up_proj.weight, down_proj.weight}
+    when mlp_ratio > 0 (the reference layer has no MLP; these names are this package's)
+
+    state = model_to_reference(model);  model = model_from_reference(state, ModelConfig(...))
 """
 
 from __future__ import annotations
@@ -26,6 +34,12 @@ _LINEARS = ("W_in", "W_out", "mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mi
 
 
 def _name_table(cfg: SessaConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
+    return layer_name_table(cfg.n_heads)
+
+
+def layer_name_table(n_heads: int) -> dict[str, tuple[tuple[str, ...], bool]]:
+    """The author's name of every parameter of one Sessa layer -> (our attribute path,
+    whether it is a Linear weight stored transposed). ``out_proj`` only with n_heads > 1."""
     table = {
         "ln.weight": (("ln", "scale"), False),
         "ln.bias": (("ln", "bias"), False),
@@ -36,7 +50,7 @@ def _name_table(cfg: SessaConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
         path = tuple(lin.split("."))
         table[f"{lin}.weight"] = (path + ("kernel",), True)
         table[f"{lin}.bias"] = (path + ("bias",), False)
-    if cfg.n_heads > 1:
+    if n_heads > 1:
         table["mixer.out_proj.weight"] = (("mixer", "out_proj", "kernel"), True)
     return table
 
@@ -93,6 +107,58 @@ def layer_to_reference(layer: SessaLayer) -> dict[str, np.ndarray]:
         arr = np.asarray(jax.device_get(_get(layer, path)[...]))
         out[name] = np.ascontiguousarray(arr.T) if transpose else arr
     return out
+
+
+def _model_entries(cfg):
+    from sessa_jax.export.hf_names import Entry, mlp_entries, sessa_layer_entries
+
+    if cfg.family != "sessa":
+        raise ValueError(f"model family={cfg.family!r}: the author's naming covers Sessa stacks "
+                         "only (use the Hugging Face export for other families)")
+    e = [Entry("embedding.weight", "embed.embedding", "copy")]
+    for i in range(cfg.n_layers):
+        e += sessa_layer_entries(cfg.n_heads, f"layers.{i}.", f"blocks.{i}.mixer.")
+        if cfg.mlp_hidden:
+            e += mlp_entries(f"layers.{i}.", f"blocks.{i}.")
+    e += [Entry("norm.weight", "ln_f.scale", "copy"), Entry("norm.bias", "ln_f.bias", "copy")]
+    if not cfg.tie_embeddings:
+        e.append(Entry("lm_head.weight", "lm_head.kernel", "linear"))
+    if cfg.num_classes:
+        e += [Entry("cls_head.weight", "cls_head.kernel", "linear"),
+              Entry("cls_head.bias", "cls_head.bias", "copy")]
+    return e
+
+
+def model_to_reference(model) -> dict[str, np.ndarray]:
+    """A Sessa DecoderLM's parameters under the author's layer names (see the module doc)."""
+    from sessa_jax.export.core import flatten_params
+    from sessa_jax.export.hf_names import rename
+
+    flat = {k: np.asarray(jax.device_get(v))
+            for k, v in flatten_params(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+    return rename(flat, _model_entries(model.cfg), to_hf=True)
+
+
+def model_from_reference(state: Mapping[str, np.ndarray], config):
+    """Build a Sessa DecoderLM(config) holding ``state`` (names as :func:`model_to_reference`).
+
+    Missing, unexpected or wrongly shaped entries raise ``ValueError`` listing every one.
+    """
+    from sessa_jax.export.core import flatten_params
+    from sessa_jax.export.hf_names import check_state, rename
+    from sessa_jax.models.lm import DecoderLM
+
+    entries = _model_entries(config)
+    model = DecoderLM(config, rngs=nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    want = {k: tuple(v.shape) for k, v in flatten_params(params).items()}
+    check_state({k: np.shape(v) for k, v in state.items()}, entries, want,
+                f"reference state for {config!r}")
+    flat = rename(state, entries, to_hf=False)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    new = [jnp.asarray(flat[k], dtype=leaf.dtype) for k, leaf in zip(want, leaves)]
+    nnx.update(model, jax.tree_util.tree_unflatten(treedef, new))
+    return model
 
 
 def load_reference_state(path: str | os.PathLike) -> dict[str, np.ndarray]:

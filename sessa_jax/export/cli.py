@@ -1,4 +1,8 @@
-"""``sessa-export``: a training run's parameters -> safetensors + config.json."""
+"""``sessa-export``: a training run's parameters -> safetensors + config.json.
+
+``--format native`` (default): this package's own layout, read by ``load_pretrained``.
+``--format hf``: a Hugging Face / PyTorch directory (see :mod:`sessa_jax.export.hf`).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="dtype of the exported floating-point tensors (default fp32)")
     p.add_argument("--max-shard-size", default="2GB",
                    help="split into numbered shards above this size (e.g. 2GB, 500MB, 1GiB)")
+    p.add_argument("--format", default="native", choices=("native", "hf"),
+                   help="native: sessa_jax's layout (load_pretrained); hf: Hugging Face / "
+                        "PyTorch (AutoModelForCausalLM, trust_remote_code=True)")
     args = p.parse_args(argv)
+    if args.format == "hf":
+        return _export_hf(args)
 
     from sessa_jax.export.core import ExportError, export_run
     from sessa_jax.train.checkpoint import CheckpointError
@@ -33,6 +42,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"exported step {s['step']}: {s['n_params']:,} parameters in {s['n_tensors']} tensors, "
           f"{s['total_bytes'] / 1e6:.2f} MB {s['dtype']}, {len(s['files'])} file(s) -> "
           f"{s['out_dir']}")
+    return 0
+
+
+def _export_hf(args) -> int:
+    from sessa_jax.export.core import ExportError
+    from sessa_jax.export.hf import export_run_hf, hf_available, loading_hint
+    from sessa_jax.train.checkpoint import CheckpointError
+
+    try:
+        s = export_run_hf(args.run, args.out, step=args.step, dtype=args.dtype,
+                          max_shard_size=args.max_shard_size)
+    except (ExportError, CheckpointError) as e:
+        print(f"sessa-export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported step {s['step']} for Hugging Face: {s['n_params']:,} parameters in "
+          f"{s['n_tensors']} tensors, {s['total_bytes'] / 1e6:.2f} MB {s['dtype']}, "
+          f"{len(s['files'])} file(s) -> {s['out_dir']}; load with "
+          "AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)")
+    if not hf_available():
+        print(f"sessa-export: note: {loading_hint()}", file=sys.stderr)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Rotary position embedding with interleaved pairs, as in SESSA_SPEC.md.
+"""Rotary position embedding with interleaved pairs, as in docs/sessa.md.
 
 Pairs are dims (0,1), (2,3), ...; inv_freq[i] = base^(-2i/d); angle = position * inv_freq[i];
 (x_even, x_odd) -> (x_even cos - x_odd sin, x_even sin + x_odd cos).

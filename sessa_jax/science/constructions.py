@@ -1,4 +1,4 @@
-"""Closed-form constructions whose memory tail the theory predicts (SESSA_SPEC "Memory tail").
+"""Closed-form constructions whose memory tail the theory predicts (docs/sessa.md, "The memory tail").
 
 Every construction reports the influence of the *first* input (position 0) on output t, so
 the lag is l = t. All are scalar (D = 1) linear maps computed in float64 with numpy/scipy:
