@@ -267,18 +267,24 @@ class PasskeyConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """Language modelling on local text.
+    """Language modelling on text, packed into rows with document boundaries at read time.
 
-    ``paths``: raw text files and/or globs (read, tokenized and packed in memory; fine for small
-    corpora), or exactly one directory written by ``scripts/prepare_text.py`` (has meta.json and
-    ArrayRecord shards; random access from disk). ``tokenizer``: "bytes" or the path of a
-    SentencePiece ``.model`` (needs the ``sentencepiece`` package). ``on_bad_file``: "error"
-    raises a DataError naming the file and problem; "skip" counts it and goes on.
-    ``valid_fraction``: share of packed rows (the last ones) held out as the valid split.
+    ``paths``: exactly one directory written by ``sessa-prepare`` (document shards; the way for
+    real corpora), or files and globs, local or cloud (read and tokenized in memory when the task
+    is built; fine for small corpora). ``tokenizer``: "bytes", a Hugging Face ``tokenizer.json``
+    (BPE/WordPiece/Unigram) or a SentencePiece ``.model``. ``input_format``: "auto" (by
+    extension: .jsonl, .parquet, else text), "text", "jsonl" or "parquet"; ``field``: the JSONL
+    field / Parquet column holding the text; ``document``: for text files, "file" (a file is one
+    document) or "line" (each non-blank line is). ``on_bad_file``: "error" raises a DataError
+    naming the file and problem; "skip" reports it and goes on. ``valid_fraction``: share of
+    packed rows (the last ones) held out as the valid split.
     """
 
     paths: tuple[str, ...] = ()
     tokenizer: str = "bytes"
+    input_format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
+    field: str = "text"
+    document: Literal["file", "line"] = "file"
     on_bad_file: Literal["error", "skip"] = "error"
     valid_fraction: float = 0.01
 
@@ -293,9 +299,12 @@ class TextConfig:
             raise ValueError(f"{p}.paths={self.paths!r}: expected a list of non-empty strings")
         object.__setattr__(self, "paths", tuple(paths))  # YAML gives lists; keep it hashable
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
-            raise ValueError(
-                f"{p}.tokenizer={self.tokenizer!r}: expected 'bytes' or a SentencePiece .model path"
-            )
+            raise ValueError(f"{p}.tokenizer={self.tokenizer!r}: expected 'bytes', a "
+                             "tokenizer.json or a SentencePiece .model path")
+        _check_choice(f"{p}.input_format", self.input_format, ("auto", "text", "jsonl", "parquet"))
+        if not isinstance(self.field, str) or not self.field:
+            raise ValueError(f"{p}.field={self.field!r}: expected a non-empty field name")
+        _check_choice(f"{p}.document", self.document, ("file", "line"))
         _check_choice(f"{p}.on_bad_file", self.on_bad_file, ("error", "skip"))
         _check_fraction(f"{p}.valid_fraction", self.valid_fraction, hi_open=True)
 

@@ -14,7 +14,8 @@ process's batch at that step. ``batches`` slices the example-level dataset at th
 reads it with Grain's thread pool (``to_iter_dataset(ReadOptions(...))``), then batches.
 
 Batches are dicts of stacked NumPy arrays: ``inputs`` int32 (L, T), ``targets`` int32 (L, T),
-``loss_mask`` float32 (L, T), with L = G / P.
+``loss_mask`` float32 (L, T), with L = G / P; text adds ``segment_ids`` and ``positions`` int32
+(L, T) (see :mod:`sessa_jax.data.packing`). Each process reads only the rows of its own slice.
 """
 
 from __future__ import annotations
@@ -87,6 +88,14 @@ def make_task(data_cfg: DataConfig) -> Task:
     return cls(data_cfg)
 
 
+def task_vocab_size(data_cfg: DataConfig) -> int:
+    """The task's vocabulary without building a text task (reads only the tokenizer/meta)."""
+    if data_cfg.task == "text":
+        from sessa_jax.data.text import text_vocab_size
+        return text_vocab_size(data_cfg.text)
+    return make_task(data_cfg).vocab_size  # synthetic tasks are cheap to build
+
+
 def _local_batch(global_batch_size: int, process_index: int, process_count: int) -> int:
     if not isinstance(global_batch_size, int) or global_batch_size < 1:
         raise ValueError(f"global_batch_size={global_batch_size!r}: expected a positive integer")
@@ -145,9 +154,7 @@ class _Generate:
 
     def __call__(self, index: int) -> dict:
         if index < 0:
-            t, pad = self.task.seq_len, self.task.pad_id
-            return {"inputs": np.full(t, pad, np.int32), "targets": np.full(t, pad, np.int32),
-                    "loss_mask": np.zeros(t, np.float32)}
+            return self.task.pad_example()
         return self.task.example(self.split, index)
 
 

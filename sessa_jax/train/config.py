@@ -11,8 +11,10 @@ only; the loader walks the dataclass type hints, so every key is checked against
 
 ``model`` may also be a string: the path of a flat ModelConfig YAML (``configs/models/*.yaml``),
 resolved relative to the including file, then to the working directory. ``model.vocab_size``
-0 or omitted takes the task's vocabulary size (the task is built once and cached, see
-:func:`task_for`). Every problem raises :class:`ConfigError` naming the key.
+0 or omitted takes the task's vocabulary size — for text the tokenizer's, padded up to a
+multiple of 128 (``padded_vocab``; read from the tokenizer file, the corpus is not touched:
+the task is built when training starts, see :func:`task_for`). Every problem raises
+:class:`ConfigError` naming the key.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import yaml
 
-from sessa_jax.data import DataConfig, make_task
+from sessa_jax.data import DataConfig, make_task, task_vocab_size
+from sessa_jax.data.tokenizer import padded_vocab
 from sessa_jax.models.config import ModelConfig
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -458,6 +461,11 @@ def task_for(data_cfg: DataConfig):
     return make_task(data_cfg)
 
 
+def _vocab_of(data: DataConfig) -> int:
+    """The data's vocabulary: cheap, the corpus is not read (a bad tokenizer: DataError)."""
+    return task_vocab_size(data)
+
+
 def from_dict(raw: Mapping, base_dir: str = ".", check_task: bool = True) -> TrainConfig:
     """Resolve and validate a raw config dict (as read from YAML) into a TrainConfig.
 
@@ -482,10 +490,11 @@ def from_dict(raw: Mapping, base_dir: str = ".", check_task: bool = True) -> Tra
     data = build(DataConfig, raw.get("data"), "data")
     vocab = model_raw.get("vocab_size")
     if vocab in (None, 0):
-        model_raw["vocab_size"] = task_for(data).vocab_size
+        need = _vocab_of(data)
+        model_raw["vocab_size"] = padded_vocab(need) if data.task == "text" else need
     model = build(ModelConfig, model_raw, "model")
     if vocab not in (None, 0) and check_task:
-        need = task_for(data).vocab_size
+        need = _vocab_of(data)
         if model.vocab_size < need:
             raise ConfigError(
                 f"model.vocab_size={model.vocab_size} is smaller than the vocabulary of "

@@ -44,7 +44,9 @@ from sessa_jax.train.metrics import (
 from sessa_jax.train.state import (
     Setup, abstract_with_shardings, init_state, make_setup,
 )
-from sessa_jax.train.step import make_eval_step, make_train_step, summarize_eval, token_byte_lengths
+from sessa_jax.train.step import (
+    make_eval_step, make_train_step, step_batch, summarize_eval, token_byte_lengths,
+)
 
 def chance_accuracy(data_cfg) -> Optional[float]:
     """Accuracy of uniform guessing among a task's possible answers (None for text)."""
@@ -132,7 +134,7 @@ def run_eval(cfg: TrainConfig, task, setup: Setup, eval_step, params, *, split: 
     it = eval_batches(cfg.data, g, block, blocks, split=split, task=task)
     total = None
     for _ in range(n):
-        sums = eval_step(params, global_batch(next(it), sharding, g))
+        sums = eval_step(params, global_batch(step_batch(next(it)), sharding, g))
         sums = {k: float(v) for k, v in jax.device_get(sums).items()}
         total = sums if total is None else {k: total[k] + sums[k] for k in total}
     out = summarize_eval(total)
@@ -189,6 +191,9 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
     say(f"{cfg.model.family} model: {fmt_count(n_params)} parameters, d_model "
         f"{cfg.model.d_model}, {cfg.model.n_layers} layers | task {cfg.data.task}, seq_len {T}, "
         f"global batch {G} | {describe(setup.mesh)}")
+    say(f"vocabulary: model.vocab_size {cfg.model.vocab_size}, data vocab_size "
+        f"{task.vocab_size}" + (f" (tokenizer {cfg.data.text.tokenizer})"
+                                if cfg.data.task == "text" else ""))
 
     # Fresh start or resume.
     if ckpt.steps():
@@ -263,7 +268,7 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
         while k < total:
             if sleep:
                 time.sleep(sleep)
-            batch = global_batch(next(it), sharding, G)
+            batch = global_batch(step_batch(next(it)), sharding, G)
             state, m = train_step(state, batch)
             state_ref[0] = state
             k += 1

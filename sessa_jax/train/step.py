@@ -29,6 +29,17 @@ from sessa_jax.train.mesh import batch_spec, replicated
 from sessa_jax.train.state import Setup, TrainState, lr_schedule
 
 
+# The batch keys the steps consume. Text batches also carry ``segment_ids`` and ``positions``
+# (int32 (G, T)); the models do not take them yet, so ``step_batch`` leaves them out before the
+# jitted steps (whose in_shardings name exactly these keys).
+STEP_KEYS = ("inputs", "targets", "loss_mask")
+
+
+def step_batch(batch: dict) -> dict:
+    """The keys of a data batch that the jitted steps take (see STEP_KEYS)."""
+    return {k: batch[k] for k in STEP_KEYS}
+
+
 def loss_sums(model_def, params, batch: dict) -> dict:
     """Sums over the batch (B, T): nll, scored positions, correct argmax at scored positions."""
     logits = model_def(params)(batch["inputs"])  # (B, T, V) float32
@@ -118,8 +129,7 @@ def make_train_step(cfg: TrainConfig, setup: Setup) -> Callable:
         }
         return new_state, metrics
 
-    batch_sh = {k: NamedSharding(mesh, batch_spec(rules))
-                for k in ("inputs", "targets", "loss_mask")}
+    batch_sh = {k: NamedSharding(mesh, batch_spec(rules)) for k in STEP_KEYS}
     return jax.jit(step, in_shardings=(setup.shardings, batch_sh),
                    out_shardings=(setup.shardings, replicated(mesh)), donate_argnums=0)
 
@@ -151,8 +161,7 @@ def make_eval_step(cfg: TrainConfig, setup: Setup, byte_lengths: Optional[np.nda
             out["bytes"] = jnp.sum(jnp.where(scored, table[targets], 0.0))
         return out
 
-    batch_sh = {k: NamedSharding(mesh, batch_spec(rules))
-                for k in ("inputs", "targets", "loss_mask")}
+    batch_sh = {k: NamedSharding(mesh, batch_spec(rules)) for k in STEP_KEYS}
     return jax.jit(ev, in_shardings=(setup.shardings.params, batch_sh),
                    out_shardings=replicated(mesh))
 
@@ -177,26 +186,10 @@ def summarize_eval(sums: dict) -> dict:
 def token_byte_lengths(task) -> Optional[np.ndarray]:
     """Bytes each token id stands for, (V,) — for bits per byte on text; None for other tasks.
 
-    Byte tokenizer: 1 for every byte id, 0 for specials. SentencePiece: UTF-8 length of the
-    piece with '▁' as a space (specials 0). <eos> counts 0 bytes, so bpb is per text byte.
+    From the tokenizer (``token_bytes``): 1 per byte id for bytes, the UTF-8 length of each
+    piece for Hugging Face / SentencePiece; specials (<eos> too) count 0, so bits per byte =
+    nll_nats_per_token * tokens / text bytes / ln 2.
     """
-    tok = getattr(task, "tokenizer", None)
     if task.name != "text":
         return None
-    if tok is None and hasattr(task, "_tok"):
-        tok = task._tok()
-    table = np.zeros(task.vocab_size, np.float32)
-    if getattr(tok, "spec", None) == "bytes":
-        table[tok.offset: tok.offset + 256] = 1.0
-        return table
-    sp = getattr(tok, "sp", None)
-    if sp is None:
-        return None
-    for i in range(min(tok.num_pieces, task.vocab_size)):
-        if sp.is_control(i) or sp.is_unknown(i):
-            continue
-        if sp.is_byte(i):
-            table[i] = 1.0
-            continue
-        table[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
-    return table
+    return np.asarray(task.token_bytes(), np.float32)

@@ -63,6 +63,13 @@ class Task:
         """{"inputs": int32 (T,), "targets": int32 (T,), "loss_mask": float32 (T,)}."""
         raise NotImplementedError
 
+    def pad_example(self) -> dict:
+        """An all-pad, unscored example with this task's keys (fills a final eval batch)."""
+        t = self.seq_len
+        return {"inputs": np.full(t, self.pad_id, np.int32),
+                "targets": np.full(t, self.pad_id, np.int32),
+                "loss_mask": np.zeros(t, np.float32)}
+
     def token_names(self) -> list[str]:
         """Name of every id, for debugging: ``token_names()[i]`` is the name of id i."""
         raise NotImplementedError
