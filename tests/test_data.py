@@ -29,7 +29,8 @@ from sessa_jax.data import (
     sequence_correct,
 )
 from sessa_jax.data.tasks import mqar, passkey, selective_copy, symbol_soup as ss
-from sessa_jax.data.text import pack, prepare_text, read_corpus
+from sessa_jax.data.packing import PackedRows
+from sessa_jax.data.text import read_corpus, read_options
 from sessa_jax.data.tokenizer import ByteTokenizer
 
 SYNTHETIC = ("symbol_soup", "mqar", "selective_copy", "passkey")
@@ -328,20 +329,39 @@ def test_byte_tokenizer_round_trip():
     assert tok.decode(np.concatenate([[tok.bos_id], ids, [tok.eos_id, tok.pad_id]])) == text
 
 
-def test_pack_rows_and_masks():
+def test_packed_rows_segments_and_masks():
+    # two documents (with their <eos> = 2), the second stored as two records of <= 4 tokens
     docs = [np.arange(3, 10, dtype=np.int32), np.arange(20, 25, dtype=np.int32)]
-    rows = pack(docs, seq_len=4, eos_id=2, pad_id=0)
+    recs = [np.append(docs[0], 2), np.array([20, 21, 22, 23]), np.array([24, 2])]
+    rows = PackedRows([8, 4, 2], [True, True, False], recs.__getitem__, seq_len=4, pad_id=0)
     stream = np.concatenate([docs[0], [2], docs[1], [2]])  # 14 tokens -> ceil(13/4) = 4 rows
-    assert rows.shape == (4, 5) and rows.dtype == np.int32
-    for r in range(3):
-        np.testing.assert_array_equal(rows[r], stream[4 * r:4 * r + 5])
-    np.testing.assert_array_equal(rows[3], [stream[12], stream[13], 0, 0, 0])
-    from sessa_jax.data.examples import row_example
-    ex = row_example(rows[3], 0)
-    assert ex["loss_mask"].tolist() == [1, 0, 0, 0]
+    assert len(rows) == 4
+    for r in range(4):
+        tokens, seg, pos = rows.tokens_and_segments(r)
+        want = np.zeros(5, np.int32)
+        want[:min(5, 14 - 4 * r)] = stream[4 * r:4 * r + 5]
+        np.testing.assert_array_equal(tokens, want)
+    ex = rows.example(1)  # stream[4:9] = 7 8 9 <eos> | 20: a boundary inside the row
+    assert ex["inputs"].tolist() == [7, 8, 9, 2] and ex["targets"].tolist() == [8, 9, 2, 20]
+    assert ex["segment_ids"].tolist() == [1, 1, 1, 1] and ex["positions"].tolist() == [0, 1, 2, 3]
+    # the last token predicts its <eos>; <eos> does not predict the next document
+    assert ex["loss_mask"].tolist() == [1, 1, 1, 0]
+    ex = rows.example(2)  # stream[8:13] = 20 21 22 23 | 24: two records of one document
+    assert ex["segment_ids"].tolist() == [1, 1, 1, 1] and ex["positions"].tolist() == [0, 1, 2, 3]
+    assert ex["loss_mask"].tolist() == [1, 1, 1, 1]
+    ex = rows.example(3)  # stream[12:14] = 24 <eos>, then padding
+    assert ex["inputs"].tolist() == [24, 2, 0, 0] and ex["targets"].tolist() == [2, 0, 0, 0]
+    assert ex["segment_ids"].tolist() == [1, 1, 0, 0] and ex["loss_mask"].tolist() == [1, 0, 0, 0]
+    # a row holding an <eos> and a new document: segment 2 starts at position 0
+    rows3 = PackedRows([8, 4, 2], [True, True, False], recs.__getitem__, seq_len=3, pad_id=0)
+    ex = rows3.example(2)  # stream[6:10] = 9 <eos> 20 21
+    assert ex["segment_ids"].tolist() == [1, 1, 2] and ex["positions"].tolist() == [0, 1, 0]
+    assert ex["loss_mask"].tolist() == [1, 0, 1]
+    assert all(v.shape == (3,) for v in ex.values())
+    assert ex["segment_ids"].dtype == ex["positions"].dtype == np.int32
 
 
-def test_text_task_from_raw_files_and_prepared_shards(tmp_path):
+def test_text_task_from_raw_files(tmp_path):
     a = write(tmp_path / "a.txt", "The quick brown fox jumps over the lazy dog. " * 20)
     write(tmp_path / "b.txt", "Ünïcödé text, second document.\n" * 10)
     glob_b = str(tmp_path / "b*.txt")
@@ -349,44 +369,23 @@ def test_text_task_from_raw_files_and_prepared_shards(tmp_path):
     task = make_task(cfg)
     tok = ByteTokenizer()
     docs = [tok.encode(open(p, encoding="utf-8").read()) for p in (a, str(tmp_path / "b.txt"))]
-    rows = pack(docs, 32, tok.eos_id, tok.pad_id)
-    n_valid = int(round(len(rows) * 0.1))
-    assert task.split_size("train") == len(rows) - n_valid and task.split_size("valid") == n_valid
+    stream = np.concatenate([np.append(d, tok.eos_id) for d in docs])
+    n_rows = -(-(stream.size - 1) // 32)
+    n_valid = int(round(n_rows * 0.1))
+    assert task.split_size("train") == n_rows - n_valid and task.split_size("valid") == n_valid
     assert task.vocab_size == 259 and task.report["files_read"] == 2
     ex = task.example("train", 1)
-    np.testing.assert_array_equal(ex["inputs"], rows[1][:-1])
-    np.testing.assert_array_equal(ex["targets"], rows[1][1:])
-    assert ex["loss_mask"].all()
+    np.testing.assert_array_equal(ex["inputs"], stream[32:64])
+    np.testing.assert_array_equal(ex["targets"], stream[33:65])
+    assert ex["loss_mask"].all() and (ex["segment_ids"] == 1).all()
+    ex = task.example("valid", 0)
+    np.testing.assert_array_equal(task.row("valid", 0)[:-1], ex["inputs"])
+    np.testing.assert_array_equal(ex["inputs"], stream[32 * (n_rows - n_valid):][:32])
+    assert task.decode(task.row("train", 0)).startswith("The quick")
     with pytest.raises(ValueError, match="only 'train' and 'valid'"):
         task.split_size("test")
-
-    # prepare_text via the script writes shards that read back to the same packed rows
-    spec = importlib.util.spec_from_file_location("prepare_text", ROOT / "scripts/prepare_text.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    out = tmp_path / "prepared"
-    rc = script.main(["--input", a, glob_b, "--output", str(out), "--seq-len", "32",
-                      "--valid-fraction", "0.1", "--records-per-shard", "7"])
-    assert rc == 0
-    meta = json.loads((out / "meta.json").read_text())
-    assert meta["seq_len"] == 32 and meta["tokenizer"] == "bytes" and meta["vocab_size"] == 259
-    assert meta["rows"] == {"train": len(rows) - n_valid, "valid": n_valid}
-    assert meta["files_read"] == 2 and meta["files_skipped"] == 0
-    assert len(meta["shards"]["train"]) == -(-(len(rows) - n_valid) // 7)
-    prepared = make_task(small_cfg("text", seq_len=32, text=TextConfig(paths=[str(out)])))
-    back = [prepared.row("train", i) for i in range(prepared.split_size("train"))]
-    back += [prepared.row("valid", i) for i in range(prepared.split_size("valid"))]
-    np.testing.assert_array_equal(np.stack(back), rows)
-    assert_example_equal(prepared.example("valid", 0), task.example("valid", 0))
-    assert prepared.decode(rows[0]).startswith("The quick")
-    # the pipeline reads prepared text like any task
-    b = next(batches(prepared.cfg, "train", 2, start_step=1, task=prepared))
-    assert b["inputs"].shape == (2, 32)
-    # a prepared corpus is not silently reused at another seq_len, nor overwritten
-    with pytest.raises(DataError, match="prepared with seq_len=32"):
-        make_task(small_cfg("text", seq_len=16, text=TextConfig(paths=[str(out)])))
-    with pytest.raises(DataError, match="already holds"):
-        prepare_text([a], str(out), 32)
+    b = next(batches(task.cfg, "train", 2, start_step=1, task=task))
+    assert b["inputs"].shape == b["segment_ids"].shape == b["positions"].shape == (2, 32)
 
 
 @pytest.mark.parametrize("case, needle", [
@@ -395,6 +394,7 @@ def test_text_task_from_raw_files_and_prepared_shards(tmp_path):
     ("empty", "empty.txt: empty file"),
     ("blank", "blank.txt: empty file (only whitespace"),
     ("latin1", "latin1.txt: not valid UTF-8 at byte offset 9 (byte 0xe9: invalid continuation"),
+    ("binary", "binary.txt: binary file (NUL byte at offset 3)"),
 ])
 def test_bad_files_error_or_skip(tmp_path, case, needle):
     good = write(tmp_path / "good.txt", "x" * 200)
@@ -404,31 +404,28 @@ def test_bad_files_error_or_skip(tmp_path, case, needle):
         "empty": write(tmp_path / "empty.txt", b""),
         "blank": write(tmp_path / "blank.txt", "  \n\n "),
         "latin1": write(tmp_path / "latin1.txt", b"caf\xc3\xa9 caf\xe9 au lait"),
+        "binary": write(tmp_path / "binary.txt", b"abc\x00\x01\x02def"),
     }[case]
     tok = ByteTokenizer()
+    err = read_options(TextConfig(paths=[good]))
+    skip = read_options(TextConfig(paths=[good], on_bad_file="skip"))
     with pytest.raises(DataError) as e:
-        read_corpus([good, bad], tok)
+        read_corpus([good, bad], tok, err)
     assert needle in str(e.value) and "on_bad_file='skip'" in str(e.value)
-    docs, report = read_corpus([good, bad], tok, on_bad_file="skip")
-    assert len(docs) == 1 and report.files_read == 1 and report.files_skipped == 1
-    assert report.skipped[0]["path"] == bad
-    # the same through the task and the script
+    records, _, report = read_corpus([good, bad], tok, skip)
+    assert len(records) == 1 and report["files_read"] == 1 and report["files_skipped"] == 1
+    assert report["skipped"][0]["path"] == bad
+    # the same through the task
     cfg = small_cfg("text", seq_len=32, text=TextConfig(paths=[good, bad], on_bad_file="skip"))
     assert make_task(cfg).report["files_skipped"] == 1
-    with pytest.raises(DataError, match="no usable text files"):
-        read_corpus([bad], tok, on_bad_file="skip")
+    with pytest.raises(DataError, match="no usable text"):
+        read_corpus([bad], tok, skip)
 
 
-def test_corpus_too_short(tmp_path, capsys):
+def test_corpus_too_short(tmp_path):
     short = write(tmp_path / "short.txt", "tiny")
     with pytest.raises(DataError, match=r"corpus too short: 5 tokens .*short\.txt.*seq_len\+1=33"):
         make_task(small_cfg("text", seq_len=32, text=TextConfig(paths=[short])))
     one_row = write(tmp_path / "one.txt", "y" * 32)  # 33 tokens: one row, none left for valid
     with pytest.raises(DataError, match="too few to hold out valid_fraction"):
         make_task(small_cfg("text", seq_len=32, text=TextConfig(paths=[one_row])))
-    spec = importlib.util.spec_from_file_location("prepare_text", ROOT / "scripts/prepare_text.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    rc = script.main(["--input", short, "--output", str(tmp_path / "o"), "--seq-len", "32"])
-    assert rc == 2 and "corpus too short" in capsys.readouterr().err
-    assert not os.path.exists(tmp_path / "o" / "meta.json")

@@ -121,12 +121,13 @@ def _text_lines(path: str) -> Iterator[tuple[int, str]]:
         nul = block.find(b"\0")
         if nul >= 0:
             raise BadFile(path, f"binary file (NUL byte at offset {offset + nul})")
+        held = decoder.getstate()[0]  # bytes of a character begun in the previous block
         try:
             text = decoder.decode(block)
-        except UnicodeDecodeError as e:
-            bad = offset + e.start
-            raise BadFile(path, f"not valid UTF-8 at byte offset {bad} "
-                          f"(byte 0x{block[e.start]:02x}: {e.reason})") from None
+        except UnicodeDecodeError as e:  # e.start counts from the held bytes
+            data = held + block
+            raise BadFile(path, f"not valid UTF-8 at byte offset {offset - len(held) + e.start} "
+                          f"(byte 0x{data[e.start]:02x}: {e.reason})") from None
         offset += len(block)
         if number == 0 and not pending:
             text = text.removeprefix("\ufeff")  # a byte order mark is not content
@@ -135,11 +136,12 @@ def _text_lines(path: str) -> Iterator[tuple[int, str]]:
         for line in lines:
             number += 1
             yield number, line
+    held = decoder.getstate()[0]
     try:
         pending += decoder.decode(b"", final=True)
     except UnicodeDecodeError:
-        raise BadFile(path, f"not valid UTF-8 at byte offset {offset} (truncated character "
-                      "at the end of the file)") from None
+        raise BadFile(path, f"not valid UTF-8 at byte offset {offset - len(held)} (truncated "
+                      "character at the end of the file)") from None
     if pending:
         yield number + 1, pending
 
