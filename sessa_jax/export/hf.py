@@ -16,7 +16,7 @@ A directory holds:
 * ``configuration_sessa.py`` and ``modeling_sessa.py`` (copied from ``hf_files/``);
 * the tokenizer when the run trained on text: ``sessa_tokenizer.json`` (its ids); for the byte
   tokenizer also ``tokenizer.json`` / ``tokenizer_config.json`` (``AutoTokenizer`` loads them),
-  for a SentencePiece model its ``tokenizer.model``.
+  for a SentencePiece model its ``tokenizer.model``, for a Hugging Face one its ``tokenizer.json``.
 
 Writing needs only NumPy and safetensors; loading the PyTorch model needs torch and transformers.
 """
@@ -181,7 +181,11 @@ def _tokenizer_files(tokenizer_spec: Optional[str], out_dir: str) -> Optional[di
     from sessa_jax.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_spec)
-    info = {"type": "bytes" if tokenizer_spec == "bytes" else "sentencepiece",
+    from sessa_jax.data.tokenizer import is_hf_spec
+
+    kind = ("bytes" if tokenizer_spec == "bytes" else
+            "huggingface" if is_hf_spec(tokenizer_spec) else "sentencepiece")
+    info = {"type": kind,
             "vocab_size": int(tok.vocab_size), "pad_id": int(tok.pad_id),
             "bos_id": int(tok.bos_id), "eos_id": int(tok.eos_id)}
     if info["type"] == "bytes":
@@ -190,6 +194,11 @@ def _tokenizer_files(tokenizer_spec: Optional[str], out_dir: str) -> Optional[di
         info["offset"] = int(tok.offset)
         info["layout"] = "0 <pad>, 1 <bos>, 2 <eos>, byte b -> b + 3"
         write_byte_tokenizer(out_dir)  # for AutoTokenizer.from_pretrained
+    elif kind == "huggingface":  # AutoTokenizer reads tokenizer.json as it is
+        from etils import epath
+
+        epath.Path(out_dir, "tokenizer.json").write_bytes(epath.Path(tokenizer_spec).read_bytes())
+        info["file"] = "tokenizer.json"
     else:
         shutil.copyfile(tokenizer_spec, os.path.join(out_dir, "tokenizer.model"))
         info["file"] = "tokenizer.model"
