@@ -48,7 +48,8 @@ from sessa_jax.data.tokenizer import fingerprint, load_tokenizer
 
 FORMAT = "sessa_jax.documents.v1"
 META_FILE, PLAN_FILE = "meta.json", "plan.json"
-DEFAULT_SHARD_BYTES = 16 << 20
+DEFAULT_SHARD_BYTES = 16 << 20  # the most input per shard by default
+MIN_SHARD_BYTES = 256 << 10
 DEFAULT_MAX_RECORD_TOKENS = 8192
 _BATCH_CHARS = 1 << 20  # text tokenized per encode_batch call
 KILL_HOOK = "SESSA_PREPARE_KILL_AT_SHARD"  # test hook: SIGKILL mid-way through shard K
@@ -235,16 +236,25 @@ def _clear(out: pathlib.Path) -> None:
             p.unlink()
 
 
+def auto_shard_bytes(total_bytes: int) -> int:
+    """Default shard size: ~64 shards of a small corpus (work for many workers), at most 16 MiB.
+
+    A function of the inputs only, never of ``workers``, so the output does not depend on it.
+    """
+    return min(DEFAULT_SHARD_BYTES, max(MIN_SHARD_BYTES, total_bytes // 64))
+
+
 def prepare(inputs: Sequence[str], output_dir: str, opts: ReadOptions = ReadOptions(), *,
-            workers: int = 1, shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+            workers: int = 1, shard_bytes: Optional[int] = None, overwrite: bool = False,
             progress: bool = True) -> dict:
     """Prepare ``inputs`` into ``output_dir`` (see the module docstring); returns meta.json.
 
     ``workers`` 1 tokenizes in this process; more use a process pool (same bytes either way).
+    ``shard_bytes`` None: ``auto_shard_bytes`` of the inputs' total size.
     """
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r}: expected a positive integer")
-    if not isinstance(shard_bytes, int) or shard_bytes < 1:
+    if shard_bytes is not None and (not isinstance(shard_bytes, int) or shard_bytes < 1):
         raise ValueError(f"shard_bytes={shard_bytes!r}: expected a positive integer")
     out = pathlib.Path(output_dir)
     if (out / META_FILE).exists() and not overwrite:
@@ -261,6 +271,8 @@ def prepare(inputs: Sequence[str], output_dir: str, opts: ReadOptions = ReadOpti
                         + (f" ({skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""))
     tok = load_tokenizer(opts.tokenizer)  # fails fast, naming the file
     sizes = [epath.Path(f).stat().length for f in files]
+    if shard_bytes is None:
+        shard_bytes = auto_shard_bytes(sum(sizes))
     shards = plan_shards(sizes, shard_bytes)
     plan = {"format": FORMAT, "options": dataclasses.asdict(opts),
             "tokenizer_sha256": fingerprint(tok), "shard_bytes": shard_bytes,
@@ -411,8 +423,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--document", default="file", choices=DOCUMENT_UNITS,
                     help="text files: a whole file or each line is one document (file)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-    ap.add_argument("--shard-mb", type=float, default=DEFAULT_SHARD_BYTES / 2**20,
-                    help="input MiB per shard (16)")
+    ap.add_argument("--shard-mb", type=float, default=None,
+                    help="input MiB per shard (default: total/64, within [0.25, 16])")
     ap.add_argument("--max-record-tokens", type=int, default=DEFAULT_MAX_RECORD_TOKENS)
     ap.add_argument("--on-bad-file", choices=("error", "skip"), default="error")
     ap.add_argument("--overwrite", action="store_true",
@@ -423,7 +435,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         opts = ReadOptions(args.tokenizer, args.input_format, args.field, args.document,
                            args.on_bad_file, args.max_record_tokens)
         meta = prepare(args.input, args.output, opts, workers=args.workers,
-                       shard_bytes=max(1, int(args.shard_mb * 2**20)),
+                       shard_bytes=(None if args.shard_mb is None
+                                    else max(1, int(args.shard_mb * 2**20))),
                        overwrite=args.overwrite, progress=not args.quiet)
     except (DataError, ValueError) as e:
         print(f"sessa-prepare: error: {e}", file=sys.stderr)
