@@ -121,7 +121,15 @@ def test_jsonl_parquet_and_line_documents(tmp_path):
     txt.write_text("l1\n\nl2\r\nl3")
     assert list(read_documents(str(txt), document="line")) == ["l1", "l2\r", "l3"]
     assert list(read_documents(str(txt))) == ["l1\n\nl2\r\nl3"]
-    # through preparation: a mixed glob, one record per document
+    # globs: sorted, '**' recursive, de-duplicated; problems named, not raised
+    from sessa_jax.data.sources import expand_paths
+    (tmp_path / "sub" / "deep").mkdir(parents=True)
+    (tmp_path / "sub" / "deep" / "d.txt").write_text("deep")
+    files, problems = expand_paths([str(tmp_path / "**" / "*.txt"), str(txt),
+                                    str(tmp_path / "none*.md")])
+    assert files == [str(txt), str(tmp_path / "sub" / "deep" / "d.txt")]
+    assert problems == [{"path": str(tmp_path / "none*.md"), "reason": "glob matched no files"}]
+    # through preparation: one record per document
     out = tmp_path / "prep"
     meta = prepare([str(jl)], str(out), ReadOptions(), progress=False)
     assert meta["documents"] == 2 and meta["files_read"] == 1

@@ -1,7 +1,7 @@
 """Input files -> documents: text files, JSONL (a named field) and Parquet (a named column).
 
-``expand_paths`` turns paths and globs (local or cloud, through ``etils.epath``) into a sorted,
-de-duplicated list of files. ``read_documents(path, ...)`` yields one file's documents as
+``expand_paths`` turns paths and globs (local, ``**`` recursive; or cloud, ``gs://...`` through
+``etils.epath``, which needs gcsfs) into a sorted, de-duplicated list of files. ``read_documents(path, ...)`` yields one file's documents as
 ``str``, streaming (a file is never held whole in memory, except a text file that is itself one
 document):
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import codecs
 import glob as _glob
 import json
+import os
 from typing import Iterable, Iterator, Optional
 
 from etils import epath
@@ -66,6 +67,14 @@ def _glob_split(pattern: str) -> tuple[str, str]:
     return pattern, ""
 
 
+def _glob_files(pattern: str) -> list[str]:
+    """Sorted files matching a glob: local with ``**`` (recursive), cloud through epath."""
+    if "://" not in pattern:
+        return sorted(p for p in _glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    base, rest = _glob_split(pattern)  # epath globs below a literal base ('**' not on GCS)
+    return sorted(str(p) for p in epath.Path(base).glob(rest) if p.is_file())
+
+
 def expand_paths(patterns: Iterable[str]) -> tuple[list[str], list[dict]]:
     """(files in order without duplicates, problems [{"path", "reason"}]) for paths and globs.
 
@@ -75,14 +84,11 @@ def expand_paths(patterns: Iterable[str]) -> tuple[list[str], list[dict]]:
     files, problems = [], []
     for pattern in patterns:
         if _glob.has_magic(pattern):
-            base, rest = _glob_split(pattern)
             try:
-                matches = sorted(str(p) for p in epath.Path(base).glob(rest) if p.is_file())
-            except Exception as e:  # unreachable bucket, permissions
+                matches = _glob_files(pattern)
+            except Exception as e:  # unreachable bucket, permissions, '**' on a bucket
                 problems.append({"path": pattern, "reason": f"cannot list ({e})"})
                 continue
-            if base == "." and not pattern.startswith("./"):  # keep relative paths as given
-                matches = [m[2:] if m.startswith("./") else m for m in matches]
             if not matches:
                 problems.append({"path": pattern, "reason": "glob matched no files"})
             files.extend(matches)
