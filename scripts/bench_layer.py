@@ -47,7 +47,7 @@ def _run_one(args) -> dict:
         ks = jax.random.split(key, 4)
         q = jax.random.normal(ks[0], (B, T, D), dt)
         k = jax.random.normal(ks[1], (B, T, D), dt)
-        g = (0.9 * jnp.tanh(jax.random.normal(ks[2], (B, T)))).astype(dt)
+        g = 0.9 * jnp.tanh(jax.random.normal(ks[2], (B, T)))  # float32, as the layer makes it
         f = jax.random.normal(ks[3], (B, T, D), dt)
 
         def loss(q, k, g, f):
