@@ -1,10 +1,16 @@
-"""``sessa-export``: a training run's parameters -> safetensors + config.json."""
+"""``sessa-export``: a training run's parameters -> safetensors + config.json.
+
+Exit codes (:mod:`sessa_jax.console`): 0 exported, 2 bad arguments or directory, 4 no usable
+checkpoint (unreadable, checksum mismatch, non-finite weights).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Optional, Sequence
+
+from sessa_jax.console import EXIT_CHECKPOINT, EXIT_CONFIG, fail, one_line_warnings, quiet_logs
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -20,6 +26,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--max-shard-size", default="2GB",
                    help="split into numbered shards above this size (e.g. 2GB, 500MB, 1GiB)")
     args = p.parse_args(argv)
+    one_line_warnings("sessa-export")
+    quiet_logs()
 
     from sessa_jax.export.core import ExportError, export_run
     from sessa_jax.train.checkpoint import CheckpointError
@@ -27,9 +35,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         s = export_run(args.run, args.out, step=args.step, dtype=args.dtype,
                        max_shard_size=args.max_shard_size)
-    except (ExportError, CheckpointError) as e:
-        print(f"sessa-export: error: {e}", file=sys.stderr)
-        return 2
+    except ExportError as e:
+        return fail("sessa-export", e, EXIT_CONFIG)
+    except CheckpointError as e:
+        return fail("sessa-export", e, EXIT_CHECKPOINT)
     print(f"exported step {s['step']}: {s['n_params']:,} parameters in {s['n_tensors']} tensors, "
           f"{s['total_bytes'] / 1e6:.2f} MB {s['dtype']}, {len(s['files'])} file(s) -> "
           f"{s['out_dir']}")
