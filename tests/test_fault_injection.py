@@ -91,7 +91,7 @@ def test_sigkill_at_random_points_then_finish_equals_an_uninterrupted_run(config
         if i % 2 == 0:  # by time: anywhere from imports to training
             time.sleep(rng.uniform(0.5, 6.0))
         else:  # by progress: a few steps past where the last session got to
-            target = min(STEPS - 1, before + rng.randint(1, 4))
+            target = min(STEPS - 3, before + rng.randint(1, 4))  # leave time before the end
             deadline = time.time() + 240
             while (max(losses(run), default=0) < target and proc.poll() is None
                    and time.time() < deadline):

@@ -267,8 +267,13 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _bad_type(key: str, tp, value):
-    return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return ConfigError(f"{key}: expected {_type_name(tp)}, got {_short(value)}")
 
 
 def _coerce(value, tp, key: str):
@@ -313,7 +318,7 @@ def _coerce(value, tp, key: str):
         if num is None:
             raise _bad_type(key, tp, value)
         if not math.isfinite(num):  # '.nan', 'inf', 1e999: never a meaningful setting
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{key}: expected a finite number, got {_short(value)}")
         return num
     if tp is str:
         if isinstance(value, str):
