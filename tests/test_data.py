@@ -432,3 +432,12 @@ def test_corpus_too_short(tmp_path, capsys):
     rc = script.main(["--input", short, "--output", str(tmp_path / "o"), "--seq-len", "32"])
     assert rc == 2 and "corpus too short" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o" / "meta.json")
+
+
+def test_missing_tokenizer_file_is_reported_as_a_missing_file(tmp_path):
+    """Not as a missing 'sentencepiece' package (the check comes before the import)."""
+    from sessa_jax.data import DataError
+    from sessa_jax.data.tokenizer import load_tokenizer
+
+    with pytest.raises(DataError, match=r"tokenizer='.*nope.model': file not found"):
+        load_tokenizer(str(tmp_path / "nope.model"))

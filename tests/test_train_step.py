@@ -74,18 +74,34 @@ def test_grad_accumulation_equals_one_big_batch_and_nan_guard():
     jax.tree.map(np.testing.assert_array_equal, after.opt_state, before.opt_state)
 
 
-def test_nonfinite_run_stops_with_a_message(tmp_path, capsys):
+def test_nonfinite_run_stops_with_a_message(tmp_path, capsys, monkeypatch):
+    """A NaN parameter makes every step non-finite: the run stops (exit 1) with a message, and
+    does not save the non-finite state. (optimizer.lr=inf is now rejected at config time.)"""
     import yaml
+    from sessa_jax.train import loop
+
+    real_init = loop.init_state
+
+    def nan_init(setup):
+        state = real_init(setup)
+        params = jax.tree.map(np.array, jax.device_get(state.params))
+        params["embed"]["embedding"][3, 0] = np.nan
+        return state.replace(params=jax.device_put(params, setup.shardings.params))
+
+    monkeypatch.setattr(loop, "init_state", nan_init)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(RAW))
-    code = cli.train_main(["--config", str(path), "optimizer.lr=.inf", "run.steps=6",
+    code = cli.train_main(["--config", str(path), "run.steps=6",
                            "run.max_nonfinite_in_a_row=2", "run.log_every=1",
                            f"run.output_dir={tmp_path}/run", "run.tensorboard=false"])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert code == 1
     assert "stopping at step 2: 2 steps in a row had a non-finite" in err
+    assert "not saving step 3: its parameters are non-finite" in out
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_total"] for r in lines] == [1, 2]
+    assert cli.train_main(["--config", str(path), "optimizer.lr=.inf"]) == 2
+    assert "optimizer.lr: expected a finite number, got inf" in capsys.readouterr().err
 
 
 def test_schedule_and_decay_mask():

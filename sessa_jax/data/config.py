@@ -315,6 +315,9 @@ class DataConfig:
     spaces, and how many valid examples an eval pass reads. For ``text`` the split sizes are the
     packed row counts instead. ``shuffle``: visit each epoch of the train index space in a
     permuted order keyed by (seed, epoch). ``num_threads``/``prefetch`` tune Grain's reader.
+    ``on_bad_record``: a record that cannot be read (a corrupted ArrayRecord shard) raises a
+    DataError naming the file and record ("error"), or is replaced by an all-pad, unscored
+    example, warned about and counted in the run's summary ("skip"); it may change on resume.
     """
 
     task: TaskName = "symbol_soup"
@@ -325,6 +328,7 @@ class DataConfig:
     shuffle: bool = True
     num_threads: int = 2
     prefetch: int = 32  # examples buffered by the reader
+    on_bad_record: Literal["error", "skip"] = "error"
     symbol_soup: SymbolSoupConfig = dataclasses.field(default_factory=SymbolSoupConfig)
     mqar: MQARConfig = dataclasses.field(default_factory=MQARConfig)
     selective_copy: SelectiveCopyConfig = dataclasses.field(default_factory=SelectiveCopyConfig)
@@ -342,6 +346,7 @@ class DataConfig:
             raise ValueError(f"data.shuffle={self.shuffle!r}: expected true or false")
         _check_int("data.num_threads", self.num_threads, 0)
         _check_int("data.prefetch", self.prefetch, 0)
+        _check_choice("data.on_bad_record", self.on_bad_record, ("error", "skip"))
         for name, cls in (
             ("symbol_soup", SymbolSoupConfig), ("mqar", MQARConfig),
             ("selective_copy", SelectiveCopyConfig), ("passkey", PasskeyConfig),

@@ -19,6 +19,7 @@ task is built, on the main thread, never deep in a reader thread.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import glob
 import json
@@ -258,29 +259,64 @@ def _is_prepared(path: str) -> bool:
 
 
 class _Rows:
-    """Random access to the packed rows of one prepared split (ArrayRecord on disk)."""
+    """Random access to the packed rows of one prepared split (ArrayRecord shards on disk).
 
-    def __init__(self, directory: str, names: Sequence[str], count: int, row_len: int):
+    One reader per shard, so that a read error names the file and the record index in it.
+    Riegeli checks a hash of every chunk: corrupted bytes fail the read (or land in padding and
+    change nothing); they never decode as other tokens.
+    """
+
+    def __init__(self, directory: str, names: Sequence[str], count: int, row_len: int,
+                 split: str = "train"):
         import grain
 
-        paths = [os.path.join(directory, n) for n in names]
-        for p in paths:
+        self.split, self.row_len = split, row_len
+        self.paths = [os.path.join(directory, n) for n in names]
+        self.sources, self.starts = [], []
+        total = 0
+        for p in self.paths:
             if not os.path.isfile(p):
                 raise DataError(f"{p}: shard listed in meta.json is missing")
-        self.row_len = row_len
-        self.source = grain.sources.ArrayRecordDataSource(paths) if paths else None
-        got = len(self.source) if self.source is not None else 0
-        if got != count:
-            raise DataError(f"{directory}: meta.json says {count} rows, shards hold {got}")
+            try:
+                src = grain.sources.ArrayRecordDataSource([p])
+                n = len(src)
+            except Exception as e:  # the C++ reader raises RuntimeError with Riegeli's reason
+                raise DataError(f"{p}: cannot open this ArrayRecord shard ({_reason(e)}); "
+                                "it is truncated or corrupted: prepare the corpus again") from None
+            self.sources.append(src)
+            self.starts.append(total)
+            total += n
+        if total != count:
+            raise DataError(f"{directory}: meta.json says {count} {split} rows, shards hold "
+                            f"{total}")
+        self.total = total
 
     def __len__(self) -> int:
-        return 0 if self.source is None else len(self.source)
+        return self.total
+
+    def locate(self, i: int) -> tuple[str, int]:
+        """Row i of the split -> (shard path, record index within the shard)."""
+        j = bisect.bisect_right(self.starts, i) - 1
+        return self.paths[j], i - self.starts[j]
 
     def __getitem__(self, i: int) -> np.ndarray:
-        row = np.frombuffer(self.source[i], dtype=ROW_DTYPE)
-        if row.size != self.row_len:  # a corrupted or foreign shard
-            raise DataError(f"record {i}: {row.size} tokens, expected {self.row_len}")
+        j = bisect.bisect_right(self.starts, i) - 1
+        path, rec = self.paths[j], i - self.starts[j]
+        try:
+            raw = self.sources[j][rec]
+        except Exception as e:
+            raise DataError(f"{path}: record {rec} ({self.split} row {i}) is unreadable "
+                            f"({_reason(e)})") from None
+        row = np.frombuffer(raw, dtype=ROW_DTYPE)
+        if row.size != self.row_len:  # a foreign shard, or one written with another seq_len
+            raise DataError(f"{path}: record {rec} ({self.split} row {i}) has {row.size} "
+                            f"tokens, expected {self.row_len}")
         return row.astype(np.int32)
+
+
+def _reason(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return (text[:240] or type(e).__name__)
 
 
 class TextTask(Task):
@@ -327,7 +363,7 @@ class TextTask(Task):
             raise DataError(f"{directory}: prepared with tokenizer={meta['tokenizer']!r}, but "
                             f"data.text.tokenizer={tokenizer!r}")
         self.vocab_size, self.pad_id = int(meta["vocab_size"]), int(meta["pad_id"])
-        self.rows = {s: _Rows(directory, meta["shards"][s], meta["rows"][s], meta["row_len"])
+        self.rows = {s: _Rows(directory, meta["shards"][s], meta["rows"][s], meta["row_len"], s)
                      for s in TEXT_SPLITS}
         self.report = {k: meta.get(k) for k in ("files_read", "files_skipped", "skipped",
                                                 "documents", "tokens", "files")}
