@@ -139,3 +139,12 @@ def test_training_logs_stats_on_logging_steps(tmp_path):
         assert keys == {f"stability/layer{i}/{n}" for i in range(2) for n in STAT_NAMES}
         assert all(r[k] is not None and np.isfinite(r[k]) for k in keys), r
         assert r["stability/layer0/score_max"] <= 4.0 + 1e-4  # sqrt(16): the norm is on
+
+
+def test_hf_export_refuses_qk_norm():
+    from sessa_jax.export.core import ExportError
+    from sessa_jax.export.hf import hf_config
+    m = dict(family="sessa", vocab_size=20, d_model=D, n_layers=1, n_heads=2)
+    assert hf_config(ModelConfig(**m))["model_type"]
+    with pytest.raises(ExportError, match="feedback_qk_norm=True"):
+        hf_config(ModelConfig(**m, feedback_qk_norm=True))
