@@ -80,10 +80,16 @@ class SessaConfig:
     attention_impl: AttentionImpl = "auto"  # the forward branch's backend (ops/attention.py)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    # Opt-in stabiliser (issue 18): RMSNorm (learned scale, no bias) on q_b and k_b, so the
+    # feedback scores q_b.k_b/sqrt(D) stay bounded. Off: the reference layer, parameters and all.
+    feedback_qk_norm: bool = False
 
     def __post_init__(self):
         _check_heads("", self.d_model, self.n_heads, self.n_kv_heads, self.use_rope)
         _check_attention(self.attention_impl, self.d_model // self.n_heads, self.dtype)
+        if not isinstance(self.feedback_qk_norm, bool):
+            raise ValueError(
+                f"feedback_qk_norm={self.feedback_qk_norm!r}: expected true or false")
         if not (isinstance(self.gamma_max, (int, float)) and 0.0 < self.gamma_max < 1.0):
             raise ValueError(f"gamma_max={self.gamma_max!r}: expected a number in (0, 1)")
         if self.feedback_impl not in ("dense", "chunked"):
@@ -210,6 +216,7 @@ class ModelConfig:
     gamma_max: float = 0.999
     feedback_impl: FeedbackImpl = "chunked"
     chunk_size: int = 512
+    feedback_qk_norm: bool = False  # RMSNorm on q_b/k_b (SessaConfig.feedback_qk_norm)
     # Mamba-style
     d_state: int = 16
     expand: int = 2
@@ -245,6 +252,7 @@ class ModelConfig:
                 ln_eps=self.ln_eps, feedback_impl=self.feedback_impl,
                 chunk_size=self.chunk_size, attention_impl=self.attention_impl,
                 dtype=self.dtype, param_dtype=self.param_dtype,
+                feedback_qk_norm=self.feedback_qk_norm,
             )
         if self.family == "transformer":
             return AttentionConfig(

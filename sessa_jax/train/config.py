@@ -194,6 +194,8 @@ class RunConfig:
     .param_dtype, e.g. bfloat16 compute with float32 parameters. ``eval_every`` 0: eval only at
     the end; ``eval_batches`` 0: the whole ``data.num_eval_examples``. The loop stops with an
     error after ``max_nonfinite_in_a_row`` skipped (non-finite) updates in a row.
+    ``stability_stats``: on logging steps, also log each Sessa layer's feedback statistics
+    (``stability/layer<i>/...`` in metrics.jsonl; see sessa_jax/train/stability.py).
     """
 
     output_dir: str = "runs/default"
@@ -207,9 +209,12 @@ class RunConfig:
     compute_dtype: Optional[str] = None
     param_dtype: Optional[str] = None
     tensorboard: bool = True
+    stability_stats: bool = False
 
     def __post_init__(self):
         p = "run"
+        _check(isinstance(self.stability_stats, bool), f"{p}.stability_stats",
+               self.stability_stats, "true or false")
         _check(isinstance(self.output_dir, str) and bool(self.output_dir), f"{p}.output_dir",
                self.output_dir, "a non-empty path")
         for f, lo in (("steps", 1), ("global_batch_size", 1), ("seed", 0), ("log_every", 1),

@@ -48,6 +48,7 @@ from sessa_jax.train.metrics import (
 from sessa_jax.train.state import (
     Setup, abstract_with_shardings, init_state, make_setup,
 )
+from sessa_jax.train.stability import make_stats_step
 from sessa_jax.train.step import make_eval_step, make_train_step, summarize_eval, token_byte_lengths
 
 def chance_accuracy(data_cfg) -> Optional[float]:
@@ -236,6 +237,7 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
 
     train_step = make_train_step(cfg, setup)
     eval_step = make_eval_step(cfg, setup, token_byte_lengths(task))
+    stats_step = make_stats_step(cfg, setup)  # None unless run.stability_stats (Sessa only)
     sharding = batch_sharding(setup.mesh, cfg.mesh.sharding_rules())
     block, blocks = process_rows(sharding, (G, T))
     it = batches(cfg.data, "train", G, start_step=start, process_index=block,
@@ -261,6 +263,7 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
                    "grad_norm": m["grad_norm"], "learning_rate": m["learning_rate"]}
             rec.update(thr.report(k))
             rec["skipped_total"] = track["skipped"]
+            rec.update({key: v for key, v in m.items() if key.startswith("stability/")})
             rec["time"] = time.perf_counter() - t_begin
         ev = None
         if evaluate:
@@ -297,7 +300,12 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
                 if sleep:
                     time.sleep(sleep)
                 batch = global_batch(next(it), sharding, G)
+                # the forward pass of the step about to be logged, before its update (donation)
+                log_next = (k + 1) % cfg.run.log_every == 0 or k + 1 == total
+                st = stats_step(state.params, batch) if stats_step and log_next else None
                 new_state, m = train_step(state, batch)
+                if st is not None:
+                    m = {**m, **st}
                 state, k = new_state, k + 1  # together: (k, state) is always a finished step
                 state_ref[0] = state
                 if pending is not None:
