@@ -41,6 +41,8 @@ RULES = [
     ("python scripts/influence.py", ""),
     ("python scripts/compare.py", (None, "hours on a CPU; tests/test_compare.py runs it tiny")),
     ("python scripts/aot_compile.py", (None, "TPU compile of a pod config: tests/test_aot.py")),
+    ("python scripts/aot_layer.py", (None, "TPU compiles at long T: tests/test_long_context.py "
+                                           "runs it at a small width")),
     ("bash scripts/aot_pods.sh", (None, "compiles every pod config: tens of minutes")),
     ("python scripts/bench_multi_gpu.py", (None, "GPUs; tests/test_train_runs.py runs it on "
                                                  "fake CPU devices")),
