@@ -8,17 +8,21 @@ Two implementations of one function, :func:`feedback_solve`:
 * ``"dense"`` materialises the (B, T, T) matrix and calls a unit lower-triangular solve.
   O(T^2) memory. It is the reference every other path is tested against; keep it simple.
 * ``"chunked"`` is blocked forward substitution over chunks of C rows with a custom VJP.
-  Pass 1 (no dependence on s) computes every row's softmax log-normaliser, every C x C
-  diagonal block of alpha, and inverts all the blocks (I - diag(gamma_c) A_cc) in one batched
-  triangular solve. Pass 2 is a ``lax.scan`` over chunks that only multiplies: the chunk's
-  scores against visible keys (C x T), its routing weights from the known normaliser, the
-  contribution of already-solved rows as one rectangular product, and the block inverse.
-  The backward pass solves the transposed (anti-causal) system in reverse chunk order with the
-  same block inverses and forms the attention gradients in the same sweep. Saved: s, ctx, the
-  log-normaliser and the block inverses, O(T * (D + C)) memory.
+  ONE sweep (a ``lax.scan`` over chunks) computes each chunk's scores against its visible keys
+  once and gets from them the rows' softmax log-normaliser, the routing weights, the
+  contribution of already-solved rows (one rectangular product) and the chunk's C x C
+  diagonal block, which it inverts in the step (a small triangular solve, or the doubling
+  product, matmuls only). The backward pass solves the transposed (anti-causal) system in
+  reverse chunk order with the saved block inverses and forms the attention gradients in the
+  same sweep. Saved: s, ctx, the log-normaliser and the block inverses, O(T * (D + C))
+  memory, each tagged with ``checkpoint_name`` (:data:`RESIDUAL_NAMES`) for remat policies.
 
-Precision: matmul operands stay in the input dtype (bf16 allowed); scores, softmax statistics,
-the in-chunk solve and all accumulators are float32 (float64 when the inputs are float64).
+Precision: score products take the input dtype (bf16 allowed) with float32 accumulation;
+softmax statistics, the right-hand-side carries, the block inverses, dgamma and all
+accumulators are float32 (float64 when the inputs are float64); s is stored in f's dtype.
+gamma may be float32 while q_b, k_b, f are bf16; dgamma comes back in gamma's dtype. The
+in-chunk products (block inverse times rows) run at full precision for float32/64 inputs and
+as one bf16 pass with float32 accumulation for half-precision inputs (see ``_inner``).
 """
 
 from __future__ import annotations
@@ -29,9 +33,11 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.scipy.linalg import solve_triangular
 
 Impl = Literal["dense", "chunked"]
+Inverse = Literal["solve", "doubling"]
 
 
 def _acc_dtype(dtype):
@@ -39,7 +45,8 @@ def _acc_dtype(dtype):
 
 
 def feedback_solve(
-    q_b, k_b, gamma, f, *, impl: Impl = "chunked", chunk_size: int = 256, segments: int = 4
+    q_b, k_b, gamma, f, *, impl: Impl = "chunked", chunk_size: int = 256, segments: int = 8,
+    inverse: Inverse = "solve",
 ):
     """Solve the Sessa feedback system.
 
@@ -50,13 +57,16 @@ def feedback_solve(
       impl: "dense" (reference, O(T^2) memory) or "chunked" (O(T*D) memory, custom VJP).
       chunk_size: rows per block for "chunked"; clipped to T.
       segments: scans the chunk sweep is split into (see :func:`feedback_chunked`).
+      inverse: how "chunked" inverts its diagonal blocks: "solve" or "doubling".
     Returns:
       s: (B, T, D) in f's dtype.
     """
     if impl == "dense":
         return feedback_dense(q_b, k_b, gamma, f)
     if impl == "chunked":
-        return feedback_chunked(q_b, k_b, gamma, f, chunk_size=chunk_size, segments=segments)
+        return feedback_chunked(
+            q_b, k_b, gamma, f, chunk_size=chunk_size, segments=segments, inverse=inverse
+        )
     raise ValueError(f"feedback impl={impl!r}: expected 'dense' or 'chunked'")
 
 
@@ -132,13 +142,22 @@ def _masked_softmax(scores, mask):
 # Chunked path
 # --------------------------------------------------------------------------------------------
 
+# Names of the solve's residuals (jax.ad_checkpoint.checkpoint_name). A remat policy that saves
+# these (models/lm.py, remat="save_feedback") keeps the solve out of the backward recompute.
+RESIDUAL_NAMES = ("feedback_s", "feedback_ctx", "feedback_lse", "feedback_inv")
 
-def feedback_chunked(q_b, k_b, gamma, f, *, chunk_size: int = 256, segments: int = 4):
+
+def feedback_chunked(
+    q_b, k_b, gamma, f, *, chunk_size: int = 256, segments: int = 8,
+    inverse: Inverse = "solve",
+):
     """Blocked O(T*D)-memory solve with a custom VJP. Shapes as :func:`feedback_solve`.
 
     ``segments`` splits the chunk sweep into that many scans, each reading only the keys its
     rows can see (a static prefix), so the causal half of the score matrix is mostly skipped:
-    work is (1 + 1/segments)/2 of the full rectangle instead of all of it.
+    work is (1 + 1/segments)/2 of the full rectangle instead of all of it (8: 56%).
+    ``inverse`` picks how each C x C diagonal block is inverted inside the sweep: "solve" (a
+    unit lower-triangular solve against I) or "doubling" ((I+N)(I+N^2)(I+N^4)..., matmuls only).
     """
     B, T, D = f.shape
     c = max(1, min(int(chunk_size), T))
@@ -149,121 +168,122 @@ def feedback_chunked(q_b, k_b, gamma, f, *, chunk_size: int = 256, segments: int
         pad3 = ((0, 0), (0, tp - T), (0, 0))
         q_b, k_b, f = (jnp.pad(a, pad3) for a in (q_b, k_b, f))
         gamma = jnp.pad(gamma, ((0, 0), (0, tp - T)))
+    if inverse not in ("solve", "doubling"):
+        raise ValueError(f"feedback inverse={inverse!r}: expected 'solve' or 'doubling'")
     n = tp // c
     nseg = max(1, min(int(segments), n))
     edges = tuple(round(n * i / nseg) for i in range(nseg + 1))  # chunk index boundaries
-    s = _chunked_solve(q_b, k_b, gamma, f, c, edges)
+    s = _chunked_solve(q_b, k_b, gamma, f, c, edges, inverse)
     return s[:, :T]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _chunked_solve(q_b, k_b, gamma, f, c, edges):
-    return _chunked_forward(q_b, k_b, gamma, f, c, edges)[0]
-
-
-def _diag_blocks(q_b, k_b, gamma, c, edges):
-    """Pass 1 (no dependence on s): row statistics and the inverted diagonal blocks.
-
-    For every chunk: its rows' log-normaliser lse over all visible keys, its diagonal block
-    A_cc of alpha, and inv_c = (I - diag(gamma_c) A_cc)^{-1}. The inverses of all chunks come
-    from ONE batched triangular solve, so the sequential sweeps need matmuls only (a solve per
-    scan step was most of the device time on an H100: small cuBLAS trsm launches).
-    Returns lse (B, n, c), a_cc (B, n, c, c), inv (B, n, c, c), all in the accumulator dtype.
-    """
-    B, tp, D = q_b.shape
-    acc = _acc_dtype(q_b.dtype)
-    scale = 1.0 / math.sqrt(D)
-
-    def make_step(kp):
-        k_seg = k_b[:, :kp]
-        cols = jnp.arange(kp)
-
-        def step(_, i):
-            start = i * c
-            rows = start + jnp.arange(c)
-            q_c = jax.lax.dynamic_slice_in_dim(q_b, start, c, axis=1)
-            scores = jnp.einsum("bcd,btd->bct", q_c, k_seg, preferred_element_type=acc) * scale
-            e, l, lse = _masked_exp(scores, cols[None, :] < rows[:, None])
-            a_cc = jax.lax.dynamic_slice_in_dim(e, start, c, axis=2) / l[..., None]
-            return None, (lse, a_cc)
-
-        return step
-
-    lses, blocks = [], []
-    for a, b in zip(edges[:-1], edges[1:]):
-        _, (lse, a_cc) = jax.lax.scan(make_step(b * c), None, jnp.arange(a, b))
-        lses.append(lse)
-        blocks.append(a_cc)
-    lse = jnp.moveaxis(jnp.concatenate(lses), 0, 1)  # (B, n, c)
-    a_cc = jnp.moveaxis(jnp.concatenate(blocks), 0, 1)  # (B, n, c, c)
-    g = gamma.reshape(B, -1, c).astype(acc)
-    m = jnp.eye(c, dtype=acc) - g[..., None] * a_cc
-    inv = unit_lower_solve(m, jnp.eye(c, dtype=acc))
-    return lse, a_cc, inv
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked_solve(q_b, k_b, gamma, f, c, edges, inverse):
+    return _chunked_forward(q_b, k_b, gamma, f, c, edges, inverse)[0]
 
 
 def _mm32(spec, a, b):
-    """A small float32/64 product at full precision (no TF32 on GPUs): the in-chunk algebra."""
+    """A small float32/64 product at full precision (no TF32 on GPUs): the block inverses."""
     return jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST)
 
 
-def _chunked_forward(q_b, k_b, gamma, f, c, edges):
-    """Forward substitution, one chunk of c rows per scan step.
+def _inner(spec, a, b, mm):
+    """An in-chunk product (block inverse or diagonal block times a chunk of rows).
 
-    Segment [a, b) of chunks is one ``lax.scan`` whose rows only see keys < b*c.
+    With half-precision inputs the operands are rounded to that dtype and accumulated in
+    float32: one bf16 pass instead of six (TPU MXU) or an fp32 GEMM (GPU); s itself is stored
+    in that dtype anyway. With float32/64 inputs: full precision, so the float32 tests hold on
+    GPUs and TPUs too (CPU computes float32 exactly either way).
+    """
+    if jnp.dtype(mm).itemsize < 4:
+        return jnp.einsum(spec, a.astype(mm), b.astype(mm), preferred_element_type=jnp.float32)
+    return _mm32(spec, a, b)
+
+
+def _block_inverse(n_blk, inverse):
+    """(I - N)^{-1} for strictly lower N (B, c, c), in N's (float32/64) dtype.
+
+    "doubling": (I + N)(I + N^2)(I + N^4)... with ceil(log2 c) factors (N^c = 0), about
+    2 log2(c) c^3 multiply-adds, matmuls only. "solve": one unit lower-triangular solve.
+    """
+    c = n_blk.shape[-1]
+    eye = jnp.eye(c, dtype=n_blk.dtype)
+    if inverse == "solve":
+        return unit_lower_solve(eye - n_blk, jnp.broadcast_to(eye, n_blk.shape))
+    x, p = eye + n_blk, n_blk
+    for _ in range(max(0, math.ceil(math.log2(c)) - 1)):
+        p = _mm32("bij,bjk->bik", p, p)
+        x = x + _mm32("bij,bjk->bik", x, p)
+    return x
+
+
+def _chunked_forward(q_b, k_b, gamma, f, c, edges, inverse):
+    """Forward substitution, one chunk of c rows per scan step, ONE pass over the scores.
+
+    Step i computes chunk i's scores against every key it can see (< (i+1)c, inside its
+    segment's prefix) once, and from them: the rows' log-normaliser lse (no values needed),
+    the routing weights alpha, the contribution of already-solved rows (one rectangular
+    product), the diagonal block A_cc and its inverse (I - diag(gamma_c) A_cc)^{-1}.
+    Segment [a, b) of chunks is one ``lax.scan`` whose rows only see keys < b*c; every output
+    is a full-length carry written in place (no stacked (n, B, c, ...) outputs to transpose).
     Returns s (B, Tp, D) in f's dtype, and residuals ctx (B, Tp, D), lse (B, Tp) and the
     inverted diagonal blocks (B, n, c, c) in the accumulator dtype.
     """
     B, tp, D = f.shape
+    n = tp // c
     acc = _acc_dtype(f.dtype)
+    mm = f.dtype  # matmul operand dtype
     scale = 1.0 / math.sqrt(D)
-    lse_all, a_all, inv_all = _diag_blocks(q_b, k_b, gamma, c, edges)
-    lse_flat = lse_all.reshape(B, tp)
 
     def make_step(kp):
         k_seg = k_b[:, :kp]
         cols = jnp.arange(kp)
 
-        def step(s_buf, i):
+        def step(carry, i):
+            s_buf, ctx, lse, inv = carry
             start = i * c
             rows = start + jnp.arange(c)
             q_c = jax.lax.dynamic_slice_in_dim(q_b, start, c, axis=1)
             f_c = jax.lax.dynamic_slice_in_dim(f, start, c, axis=1).astype(acc)
             g_c = jax.lax.dynamic_slice_in_dim(gamma, start, c, axis=1).astype(acc)
-            lse_c = jax.lax.dynamic_slice_in_dim(lse_flat, start, c, axis=1)
             scores = jnp.einsum("bcd,btd->bct", q_c, k_seg, preferred_element_type=acc) * scale
-            valid = cols[None, :] < rows[:, None]
-            alpha = jnp.where(valid, jnp.exp(scores - lse_c[..., None]), 0.0)
+            e, l, lse_c = _masked_exp(scores, cols[None, :] < rows[:, None])
+            alpha = e / l[..., None]
             # Rows >= start are still zero in s_buf, so this sums over earlier chunks only.
             cross = jnp.einsum(
-                "bct,btd->bcd", alpha.astype(s_buf.dtype), s_buf[:, :kp],
-                preferred_element_type=acc,
+                "bct,btd->bcd", alpha.astype(mm), s_buf[:, :kp], preferred_element_type=acc,
             )
-            a_cc = jax.lax.dynamic_index_in_dim(a_all, i, axis=1, keepdims=False)
-            inv_c = jax.lax.dynamic_index_in_dim(inv_all, i, axis=1, keepdims=False)
-            s_c = _mm32("bij,bjd->bid", inv_c, f_c + g_c[..., None] * cross)
-            ctx_c = cross + _mm32("bij,bjd->bid", a_cc, s_c)
-            s_buf = jax.lax.dynamic_update_slice_in_dim(s_buf, s_c.astype(s_buf.dtype), start, 1)
-            return s_buf, ctx_c
+            a_cc = jax.lax.dynamic_slice_in_dim(alpha, start, c, axis=2)
+            inv_c = _block_inverse(g_c[..., None] * a_cc, inverse)
+            s_c = _inner("bij,bjd->bid", inv_c, f_c + g_c[..., None] * cross, mm)
+            ctx_c = cross + _inner("bij,bjd->bid", a_cc, s_c, mm)
+            s_buf = jax.lax.dynamic_update_slice_in_dim(s_buf, s_c.astype(mm), start, 1)
+            ctx = jax.lax.dynamic_update_slice_in_dim(ctx, ctx_c, start, 1)
+            lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_c, start, 1)
+            inv = jax.lax.dynamic_update_index_in_dim(inv, inv_c, i, 1)
+            return (s_buf, ctx, lse, inv), None
 
         return step
 
-    s = jnp.zeros_like(f)
-    ctxs = []
+    carry = (
+        jnp.zeros_like(f), jnp.zeros((B, tp, D), acc), jnp.zeros((B, tp), acc),
+        jnp.zeros((B, n, c, c), acc),
+    )
     for a, b in zip(edges[:-1], edges[1:]):
-        s, ctx = jax.lax.scan(make_step(b * c), s, jnp.arange(a, b))
-        ctxs.append(ctx)
-    # scan stacks per-chunk outputs as (n, B, c, ...): back to (B, Tp, ...)
-    ctx = jnp.moveaxis(jnp.concatenate(ctxs), 0, 1).reshape(B, tp, D)
-    return s, ctx, lse_flat, inv_all
+        carry, _ = jax.lax.scan(make_step(b * c), carry, jnp.arange(a, b))
+    return carry
 
 
-def _chunked_fwd(q_b, k_b, gamma, f, c, edges):
-    s, ctx, lse, inv = _chunked_forward(q_b, k_b, gamma, f, c, edges)
-    return s, (q_b, k_b, gamma, s, ctx, lse, inv)
+def _chunked_fwd(q_b, k_b, gamma, f, c, edges, inverse):
+    s, ctx, lse, inv = _chunked_forward(q_b, k_b, gamma, f, c, edges, inverse)
+    # Named so that a remat policy (save_only_these_names(*RESIDUAL_NAMES)) can keep them.
+    s_r, ctx, lse, inv = (
+        checkpoint_name(x, name) for x, name in zip((s, ctx, lse, inv), RESIDUAL_NAMES)
+    )
+    return s, (q_b, k_b, gamma, s_r, ctx, lse, inv)
 
 
-def _chunked_bwd(c, edges, res, g_s):
+def _chunked_bwd(c, edges, inverse, res, g_s):
     """Reverse sweep over chunks.
 
     With M = I - diag(gamma) alpha and G = dL/ds:
@@ -274,7 +294,9 @@ def _chunked_bwd(c, edges, res, g_s):
     Step i handles key/column chunk i: once df is known for rows >= i*c, every row that reads
     chunk i is known, so dk_b for the chunk is final and its dq_b contribution is pushed out.
     Segment [a, b) only touches query rows >= a*c, the rows that can read its keys.
+    df, dk_b and dgamma are full-length carries written in place.
     """
+    del inverse
     q_b, k_b, gamma, s, ctx, lse, inv_all = res
     f_dtype = s.dtype  # s is returned in f's dtype
     B, tp, D = s.shape
@@ -288,7 +310,8 @@ def _chunked_bwd(c, edges, res, g_s):
         rows = r0 + jnp.arange(tp - r0)
 
         def step(carry, i):
-            d_o, delta, dq = carry  # (B,Tp-r0,D) mm, (B,Tp-r0) acc, (B,Tp-r0,D) acc
+            # d_o, delta, dq: rows >= r0 only; df, dk, dgamma: full length
+            (d_o, delta, dq), (df, dk, dgamma) = carry
             start = i * c
             cols_j = start + jnp.arange(c)
             k_c = jax.lax.dynamic_slice_in_dim(k_b, start, c, axis=1)
@@ -306,7 +329,7 @@ def _chunked_bwd(c, edges, res, g_s):
             )
             local = start - r0
             inv_c = jax.lax.dynamic_index_in_dim(inv_all, i, axis=1, keepdims=False)
-            df_c = _mm32("bji,bjd->bid", inv_c, rhs)  # (I - diag(g) A_cc)^{-T} rhs
+            df_c = _inner("bji,bjd->bid", inv_c, rhs, mm)  # (I - diag(g) A_cc)^{-T} rhs
             do_c = g_c[..., None] * df_c
             d_o = jax.lax.dynamic_update_slice_in_dim(d_o, do_c.astype(mm), local, 1)
             delta = jax.lax.dynamic_update_slice_in_dim(
@@ -316,36 +339,31 @@ def _chunked_bwd(c, edges, res, g_s):
             ds_t = (alpha_t * (dp - delta[:, None, :])).astype(mm)  # dscore^T block
             dk_c = jnp.einsum("bjt,btd->bjd", ds_t, q_seg, preferred_element_type=acc) * scale
             dq = dq + jnp.einsum("bjt,bjd->btd", ds_t, k_c, preferred_element_type=acc) * scale
-            dgamma_c = jnp.sum(df_c * ctx_c, axis=-1)
-            return (d_o, delta, dq), (df_c, dk_c, dgamma_c)
+            df = jax.lax.dynamic_update_slice_in_dim(df, df_c.astype(f_dtype), start, 1)
+            dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_c.astype(k_b.dtype), start, 1)
+            dgamma = jax.lax.dynamic_update_slice_in_dim(
+                dgamma, jnp.sum(df_c * ctx_c, axis=-1).astype(gamma.dtype), start, 1
+            )
+            return ((d_o, delta, dq), (df, dk, dgamma)), None
 
         return step
 
     d_o = jnp.zeros((B, tp, D), mm)
     delta = jnp.zeros((B, tp), acc)
     dq = jnp.zeros((B, tp, D), acc)
-    outs = []
+    outs = (jnp.zeros((B, tp, D), f_dtype), jnp.zeros((B, tp, D), k_b.dtype),
+            jnp.zeros((B, tp), gamma.dtype))
     for a, b in reversed(list(zip(edges[:-1], edges[1:]))):
         r0 = a * c
-        carry = (d_o[:, r0:], delta[:, r0:], dq[:, r0:])
-        (d_o_seg, delta_seg, dq_seg), out = jax.lax.scan(
+        carry = ((d_o[:, r0:], delta[:, r0:], dq[:, r0:]), outs)
+        ((d_o_seg, delta_seg, dq_seg), outs), _ = jax.lax.scan(
             make_step(r0), carry, jnp.arange(a, b), reverse=True
         )
         d_o = d_o.at[:, r0:].set(d_o_seg)
         delta = delta.at[:, r0:].set(delta_seg)
         dq = dq.at[:, r0:].set(dq_seg)
-        outs.insert(0, out)
-    df, dk, dgamma = (jnp.concatenate(parts) for parts in zip(*outs))
-
-    def unchunk(x):  # (n, B, c, ...) -> (B, Tp, ...)
-        return jnp.moveaxis(x, 0, 1).reshape((B, tp) + x.shape[3:])
-
-    return (
-        dq.astype(q_b.dtype),
-        unchunk(dk).astype(k_b.dtype),
-        unchunk(dgamma).astype(gamma.dtype),
-        unchunk(df).astype(f_dtype),
-    )
+    df, dk, dgamma = outs
+    return dq.astype(q_b.dtype), dk, dgamma, df
 
 
 _chunked_solve.defvjp(_chunked_fwd, _chunked_bwd)
@@ -366,5 +384,8 @@ def feedback_decode_step(q_t, k_cache, s_cache, gamma_t, f_t, pos):
     L, D = k_cache.shape[1], k_cache.shape[2]
     scores = jnp.einsum("bd,bld->bl", q_t, k_cache, preferred_element_type=acc) / math.sqrt(D)
     alpha, _ = _masked_softmax(scores, jnp.arange(L)[None, :] < pos[:, None])
-    ctx = jnp.einsum("bl,bld->bd", alpha, s_cache.astype(acc))
+    # Accumulate in float32 inside the product instead of casting the whole (B, L, D) cache.
+    ctx = jnp.einsum(
+        "bl,bld->bd", alpha.astype(s_cache.dtype), s_cache, preferred_element_type=acc
+    )
     return (f_t.astype(acc) + gamma_t.astype(acc)[:, None] * ctx).astype(f_t.dtype)
