@@ -188,3 +188,33 @@ def test_decode_step_does_not_cast_the_cache():
     casts = [e for e in jaxpr.eqns if e.primitive.name == "convert_element_type"
              and e.outvars[0].aval.shape == (B, L, D)]
     assert not casts
+
+
+@pytest.mark.parametrize("c,base", [(7, 4), (20, 4), (130, 64)])
+def test_block_inverses_equal_the_triangular_solve(c, base, x64):
+    """The matmul-only diagonal-block inverses (doubling, recursive blocks with identity
+    padding to base * 2^k) equal a unit lower-triangular solve."""
+    from jax.scipy.linalg import solve_triangular
+    from sessa_jax.ops.feedback import _blocked_inverse, _doubling_inverse
+
+    a = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(c), (2, c, c)), axis=-1)
+    n = 0.999 * jnp.tril(a, -1)
+    eye = jnp.broadcast_to(jnp.eye(c), (2, c, c))
+    ref = solve_triangular(eye - n, eye, lower=True, unit_diagonal=True)
+    np.testing.assert_allclose(_blocked_inverse(n, base=base), ref, atol=1e-13)
+    np.testing.assert_allclose(_doubling_inverse(n), ref, atol=1e-13)
+
+
+def test_chunked_blocked_inverse_equals_dense_float64(x64):
+    """inverse='blocked' with a chunk above the 64-row base (72: padded to 128)."""
+    q, k, g, f, w = _inputs(21, 1, 150, 4, gamma_scale=30.0)
+
+    def loss(impl):
+        return lambda q, k, g, f: jnp.sum(
+            feedback_solve(q, k, g, f, impl=impl, chunk_size=72, inverse="blocked") * w)
+
+    vd, gd = jax.jit(jax.value_and_grad(loss("dense"), argnums=(0, 1, 2, 3)))(q, k, g, f)
+    vc, gc = jax.jit(jax.value_and_grad(loss("chunked"), argnums=(0, 1, 2, 3)))(q, k, g, f)
+    assert abs(float(vc - vd)) <= 1e-9 * abs(float(vd))
+    for name, a, b in zip(("q_b", "k_b", "gamma", "f"), gc, gd):
+        assert rel_err(a, b) <= 1e-9, name

@@ -70,9 +70,9 @@ class SessaConfig:
     feedback_impl: FeedbackImpl = "chunked"
     chunk_size: int = 512  # rows per block of the chunked feedback solve (H100: 512 beat 256)
     # chunked solve: scans the sweep is split into (causal skipping, (1 + 1/n)/2 of the
-    # rectangle) and how each diagonal block is inverted ("solve" or "doubling")
+    # rectangle) and how each diagonal block is inverted ("solve", "doubling", "blocked")
     feedback_segments: int = 8
-    feedback_inverse: Literal["solve", "doubling"] = "solve"
+    feedback_inverse: Literal["solve", "doubling", "blocked"] = "solve"
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
 
@@ -86,9 +86,9 @@ class SessaConfig:
             )
         _check_positive("chunk_size", self.chunk_size)
         _check_positive("feedback_segments", self.feedback_segments)
-        if self.feedback_inverse not in ("solve", "doubling"):
+        if self.feedback_inverse not in ("solve", "doubling", "blocked"):
             raise ValueError(
-                f"feedback_inverse={self.feedback_inverse!r}: expected 'solve' or 'doubling'"
+                f"feedback_inverse={self.feedback_inverse!r}: expected solve, doubling or blocked"
             )
         if not self.ln_eps > 0:
             raise ValueError(f"ln_eps={self.ln_eps!r}: expected a positive number")
@@ -207,7 +207,7 @@ class ModelConfig:
     feedback_impl: FeedbackImpl = "chunked"
     chunk_size: int = 512
     feedback_segments: int = 8
-    feedback_inverse: Literal["solve", "doubling"] = "solve"
+    feedback_inverse: Literal["solve", "doubling", "blocked"] = "solve"
     # Mamba-style
     d_state: int = 16
     expand: int = 2

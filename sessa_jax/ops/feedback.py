@@ -37,7 +37,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.scipy.linalg import solve_triangular
 
 Impl = Literal["dense", "chunked"]
-Inverse = Literal["solve", "doubling"]
+Inverse = Literal["solve", "doubling", "blocked"]
 
 
 def _acc_dtype(dtype):
@@ -57,7 +57,7 @@ def feedback_solve(
       impl: "dense" (reference, O(T^2) memory) or "chunked" (O(T*D) memory, custom VJP).
       chunk_size: rows per block for "chunked"; clipped to T.
       segments: scans the chunk sweep is split into (see :func:`feedback_chunked`).
-      inverse: how "chunked" inverts its diagonal blocks: "solve" or "doubling".
+      inverse: how "chunked" inverts its diagonal blocks: "solve", "doubling" or "blocked".
     Returns:
       s: (B, T, D) in f's dtype.
     """
@@ -157,7 +157,8 @@ def feedback_chunked(
     rows can see (a static prefix), so the causal half of the score matrix is mostly skipped:
     work is (1 + 1/segments)/2 of the full rectangle instead of all of it (8: 56%).
     ``inverse`` picks how each C x C diagonal block is inverted inside the sweep: "solve" (a
-    unit lower-triangular solve against I) or "doubling" ((I+N)(I+N^2)(I+N^4)..., matmuls only).
+    unit lower-triangular solve against I), "doubling" ((I+N)(I+N^2)(I+N^4)..., matmuls only)
+    or "blocked" (recursive 2 x 2 blocks over 64 x 64 doubling, matmuls only, ~c^3/3 work).
     """
     B, T, D = f.shape
     c = max(1, min(int(chunk_size), T))
@@ -168,8 +169,10 @@ def feedback_chunked(
         pad3 = ((0, 0), (0, tp - T), (0, 0))
         q_b, k_b, f = (jnp.pad(a, pad3) for a in (q_b, k_b, f))
         gamma = jnp.pad(gamma, ((0, 0), (0, tp - T)))
-    if inverse not in ("solve", "doubling"):
-        raise ValueError(f"feedback inverse={inverse!r}: expected 'solve' or 'doubling'")
+    if inverse not in ("solve", "doubling", "blocked"):
+        raise ValueError(
+            f"feedback inverse={inverse!r}: expected 'solve', 'doubling' or 'blocked'"
+        )
     n = tp // c
     # At least two chunks a segment: XLA inlines one-trip loops, and the inlined steps kept
     # ~3x the temp memory on CPU (jax 0.10.2; T=512, c=64, 8 one-step segments).
@@ -202,21 +205,70 @@ def _inner(spec, a, b, mm):
     return _mm32(spec, a, b)
 
 
+def _doubling_inverse(n_blk):
+    """(I - N)^{-1} = (I + N)(I + N^2)(I + N^4)... for strictly lower N (..., c, c)."""
+    c = n_blk.shape[-1]
+    x, p = jnp.eye(c, dtype=n_blk.dtype) + n_blk, n_blk
+    for _ in range(max(0, math.ceil(math.log2(c)) - 1)):
+        p = _mm32("...ij,...jk->...ik", p, p)
+        x = x + _mm32("...ij,...jk->...ik", x, p)
+    return x
+
+
+def _diag_blocks(m, size):
+    """The diagonal size x size blocks of m (B, c, c): (B, c // size, size, size)."""
+    B, c, _ = m.shape
+    k = c // size
+    blocks = jnp.diagonal(m.reshape(B, k, size, k, size), axis1=1, axis2=3)  # (B, s, s, k)
+    return jnp.moveaxis(blocks, -1, 1)
+
+
+def _blocked_inverse(n_blk, base: int = 64):
+    """(I - N)^{-1} by recursive 2 x 2 blocks, matmuls only, about c^3 / 3 multiply-adds.
+
+    The base x base diagonal blocks are inverted by doubling (batched); then pairs of
+    inverted blocks A^{-1}, D^{-1} with the block C below A are merged,
+    [[A, 0], [C, D]]^{-1} = [[A^{-1}, 0], [-D^{-1} C A^{-1}, D^{-1}]], doubling the block
+    size each level. c is padded with identity rows to base * 2^k (exact: block diagonal).
+    """
+    B, c, _ = n_blk.shape
+    if c <= base:
+        return _doubling_inverse(n_blk)
+    cp = base * 2 ** math.ceil(math.log2(c / base))
+    m = jnp.eye(c, dtype=n_blk.dtype) - n_blk
+    if cp != c:
+        m = jnp.pad(m, ((0, 0), (0, cp - c), (0, cp - c)))
+        m = m + jnp.diag((jnp.arange(cp) >= c).astype(m.dtype))
+    inv = _doubling_inverse(-_diag_blocks(m - jnp.eye(cp, dtype=m.dtype), base))
+    size = base
+    while size < cp:
+        c_blk = _diag_blocks(m, 2 * size)[:, :, size:, :size]  # (B, k, size, size)
+        a_inv, d_inv = inv[:, 0::2], inv[:, 1::2]
+        low = -_mm32("bkij,bkjl->bkil", d_inv, _mm32("bkij,bkjl->bkil", c_blk, a_inv))
+        zero = jnp.zeros_like(low)
+        inv = jnp.concatenate(
+            [jnp.concatenate([a_inv, zero], axis=-1), jnp.concatenate([low, d_inv], axis=-1)],
+            axis=-2,
+        )
+        size *= 2
+    return inv[:, 0, :c, :c]
+
+
 def _block_inverse(n_blk, inverse):
     """(I - N)^{-1} for strictly lower N (B, c, c), in N's (float32/64) dtype.
 
+    "solve": one unit lower-triangular solve against I (cuBLAS trsm on GPUs).
     "doubling": (I + N)(I + N^2)(I + N^4)... with ceil(log2 c) factors (N^c = 0), about
-    2 log2(c) c^3 multiply-adds, matmuls only. "solve": one unit lower-triangular solve.
+    2 log2(c) c^3 multiply-adds, matmuls only.
+    "blocked": recursive 2 x 2 block inversion over doubling-inverted 64 x 64 blocks, about
+    c^3 / 3 multiply-adds (c = 512: ~50x fewer than "doubling"), matmuls only.
     """
-    c = n_blk.shape[-1]
-    eye = jnp.eye(c, dtype=n_blk.dtype)
     if inverse == "solve":
+        eye = jnp.eye(n_blk.shape[-1], dtype=n_blk.dtype)
         return unit_lower_solve(eye - n_blk, jnp.broadcast_to(eye, n_blk.shape))
-    x, p = eye + n_blk, n_blk
-    for _ in range(max(0, math.ceil(math.log2(c)) - 1)):
-        p = _mm32("bij,bjk->bik", p, p)
-        x = x + _mm32("bij,bjk->bik", x, p)
-    return x
+    if inverse == "doubling":
+        return _doubling_inverse(n_blk)
+    return _blocked_inverse(n_blk)
 
 
 def _chunked_forward(q_b, k_b, gamma, f, c, edges, inverse):
