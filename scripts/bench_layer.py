@@ -225,7 +225,7 @@ def main():
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--segments", type=int, default=8,
                    help="scans the chunked sweep is split into (causal skipping)")
-    p.add_argument("--inverse", default="solve", choices=("solve", "doubling", "blocked"),
+    p.add_argument("--inverse", default="blocked", choices=("solve", "doubling", "blocked"),
                    help="how the chunked solve inverts its diagonal blocks")
     p.add_argument("--gamma-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="gamma's dtype for --impls feedback (the layer computes it in float32)")

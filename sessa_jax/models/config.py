@@ -72,7 +72,7 @@ class SessaConfig:
     # chunked solve: scans the sweep is split into (causal skipping, (1 + 1/n)/2 of the
     # rectangle) and how each diagonal block is inverted ("solve", "doubling", "blocked")
     feedback_segments: int = 8
-    feedback_inverse: Literal["solve", "doubling", "blocked"] = "solve"
+    feedback_inverse: Literal["solve", "doubling", "blocked"] = "blocked"
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
 
@@ -207,7 +207,7 @@ class ModelConfig:
     feedback_impl: FeedbackImpl = "chunked"
     chunk_size: int = 512
     feedback_segments: int = 8
-    feedback_inverse: Literal["solve", "doubling", "blocked"] = "solve"
+    feedback_inverse: Literal["solve", "doubling", "blocked"] = "blocked"
     # Mamba-style
     d_state: int = 16
     expand: int = 2

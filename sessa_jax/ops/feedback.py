@@ -46,7 +46,7 @@ def _acc_dtype(dtype):
 
 def feedback_solve(
     q_b, k_b, gamma, f, *, impl: Impl = "chunked", chunk_size: int = 256, segments: int = 8,
-    inverse: Inverse = "solve",
+    inverse: Inverse = "blocked",
 ):
     """Solve the Sessa feedback system.
 
@@ -149,7 +149,7 @@ RESIDUAL_NAMES = ("feedback_s", "feedback_ctx", "feedback_lse", "feedback_inv")
 
 def feedback_chunked(
     q_b, k_b, gamma, f, *, chunk_size: int = 256, segments: int = 8,
-    inverse: Inverse = "solve",
+    inverse: Inverse = "blocked",
 ):
     """Blocked O(T*D)-memory solve with a custom VJP. Shapes as :func:`feedback_solve`.
 
