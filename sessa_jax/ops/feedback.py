@@ -187,9 +187,9 @@ def _chunked_solve(q_b, k_b, gamma, f, c, edges, inverse):
     return _chunked_forward(q_b, k_b, gamma, f, c, edges, inverse)[0]
 
 
-def _mm32(spec, a, b):
-    """A small float32/64 product at full precision (no TF32 on GPUs): the block inverses."""
-    return jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST)
+def _mm32(spec, a, b, precision=jax.lax.Precision.HIGHEST):
+    """A small float32/64 product, by default at full precision (no TF32 on GPUs)."""
+    return jnp.einsum(spec, a, b, precision=precision)
 
 
 def _inner(spec, a, b, mm):
@@ -205,13 +205,13 @@ def _inner(spec, a, b, mm):
     return _mm32(spec, a, b)
 
 
-def _doubling_inverse(n_blk):
+def _doubling_inverse(n_blk, precision=jax.lax.Precision.HIGHEST):
     """(I - N)^{-1} = (I + N)(I + N^2)(I + N^4)... for strictly lower N (..., c, c)."""
     c = n_blk.shape[-1]
     x, p = jnp.eye(c, dtype=n_blk.dtype) + n_blk, n_blk
     for _ in range(max(0, math.ceil(math.log2(c)) - 1)):
-        p = _mm32("...ij,...jk->...ik", p, p)
-        x = x + _mm32("...ij,...jk->...ik", x, p)
+        p = _mm32("...ij,...jk->...ik", p, p, precision)
+        x = x + _mm32("...ij,...jk->...ik", x, p, precision)
     return x
 
 
@@ -223,7 +223,7 @@ def _diag_blocks(m, size):
     return jnp.moveaxis(blocks, -1, 1)
 
 
-def _blocked_inverse(n_blk, base: int = 64):
+def _blocked_inverse(n_blk, base: int = 64, precision=jax.lax.Precision.HIGHEST):
     """(I - N)^{-1} by recursive 2 x 2 blocks, matmuls only, about c^3 / 3 multiply-adds.
 
     The base x base diagonal blocks are inverted by doubling (batched); then pairs of
@@ -233,18 +233,20 @@ def _blocked_inverse(n_blk, base: int = 64):
     """
     B, c, _ = n_blk.shape
     if c <= base:
-        return _doubling_inverse(n_blk)
+        return _doubling_inverse(n_blk, precision)
     cp = base * 2 ** math.ceil(math.log2(c / base))
     m = jnp.eye(c, dtype=n_blk.dtype) - n_blk
     if cp != c:
         m = jnp.pad(m, ((0, 0), (0, cp - c), (0, cp - c)))
         m = m + jnp.diag((jnp.arange(cp) >= c).astype(m.dtype))
-    inv = _doubling_inverse(-_diag_blocks(m - jnp.eye(cp, dtype=m.dtype), base))
+    inv = _doubling_inverse(-_diag_blocks(m - jnp.eye(cp, dtype=m.dtype), base), precision)
     size = base
     while size < cp:
         c_blk = _diag_blocks(m, 2 * size)[:, :, size:, :size]  # (B, k, size, size)
         a_inv, d_inv = inv[:, 0::2], inv[:, 1::2]
-        low = -_mm32("bkij,bkjl->bkil", d_inv, _mm32("bkij,bkjl->bkil", c_blk, a_inv))
+        low = -_mm32(
+            "bkij,bkjl->bkil", d_inv, _mm32("bkij,bkjl->bkil", c_blk, a_inv, precision), precision
+        )
         zero = jnp.zeros_like(low)
         inv = jnp.concatenate(
             [jnp.concatenate([a_inv, zero], axis=-1), jnp.concatenate([low, d_inv], axis=-1)],
@@ -254,8 +256,12 @@ def _blocked_inverse(n_blk, base: int = 64):
     return inv[:, 0, :c, :c]
 
 
-def _block_inverse(n_blk, inverse):
+def _block_inverse(n_blk, inverse, mm):
     """(I - N)^{-1} for strictly lower N (B, c, c), in N's (float32/64) dtype.
+
+    The matmul-only variants run at full precision for float32/64 inputs (mm) and at
+    Precision.HIGH for half-precision ones (TF32 on GPUs, three bf16 passes on TPUs): the
+    inverse is rounded to bf16 in ``_inner`` anyway, and HIGH keeps its error below that.
 
     "solve": one unit lower-triangular solve against I (cuBLAS trsm on GPUs).
     "doubling": (I + N)(I + N^2)(I + N^4)... with ceil(log2 c) factors (N^c = 0), about
@@ -266,9 +272,11 @@ def _block_inverse(n_blk, inverse):
     if inverse == "solve":
         eye = jnp.eye(n_blk.shape[-1], dtype=n_blk.dtype)
         return unit_lower_solve(eye - n_blk, jnp.broadcast_to(eye, n_blk.shape))
+    precision = (jax.lax.Precision.HIGH if jnp.dtype(mm).itemsize < 4
+                 else jax.lax.Precision.HIGHEST)
     if inverse == "doubling":
-        return _doubling_inverse(n_blk)
-    return _blocked_inverse(n_blk)
+        return _doubling_inverse(n_blk, precision)
+    return _blocked_inverse(n_blk, precision=precision)
 
 
 def _chunked_forward(q_b, k_b, gamma, f, c, edges, inverse):
@@ -308,7 +316,7 @@ def _chunked_forward(q_b, k_b, gamma, f, c, edges, inverse):
                 "bct,btd->bcd", alpha.astype(mm), s_buf[:, :kp], preferred_element_type=acc,
             )
             a_cc = jax.lax.dynamic_slice_in_dim(alpha, start, c, axis=2)
-            inv_c = _block_inverse(g_c[..., None] * a_cc, inverse)
+            inv_c = _block_inverse(g_c[..., None] * a_cc, inverse, mm)
             s_c = _inner("bij,bjd->bid", inv_c, f_c + g_c[..., None] * cross, mm)
             ctx_c = cross + _inner("bij,bjd->bid", a_cc, s_c, mm)
             s_buf = jax.lax.dynamic_update_slice_in_dim(s_buf, s_c.astype(mm), start, 1)
