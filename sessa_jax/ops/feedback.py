@@ -8,21 +8,23 @@ Two implementations of one function, :func:`feedback_solve`:
 * ``"dense"`` materialises the (B, T, T) matrix and calls a unit lower-triangular solve.
   O(T^2) memory. It is the reference every other path is tested against; keep it simple.
 * ``"chunked"`` is blocked forward substitution over chunks of C rows with a custom VJP.
-  ONE sweep (a ``lax.scan`` over chunks) computes each chunk's scores against its visible keys
-  once and gets from them the rows' softmax log-normaliser, the routing weights, the
+  ONE sweep (a ``lax.scan`` over chunks) computes each chunk's scores against its visible
+  keys once and gets from them the rows' softmax log-normaliser, the routing weights, the
   contribution of already-solved rows (one rectangular product) and the chunk's C x C
-  diagonal block, which it inverts in the step (a small triangular solve, or the doubling
-  product, matmuls only). The backward pass solves the transposed (anti-causal) system in
-  reverse chunk order with the saved block inverses and forms the attention gradients in the
-  same sweep. Saved: s, ctx, the log-normaliser and the block inverses, O(T * (D + C))
-  memory, each tagged with ``checkpoint_name`` (:data:`RESIDUAL_NAMES`) for remat policies.
+  diagonal block, which it inverts in the step (recursive 2 x 2 blocks, the doubling
+  product, or a small triangular solve). The backward pass solves the transposed
+  (anti-causal) system in reverse chunk order with the saved block inverses and forms the
+  attention gradients in the same sweep. Saved: s, ctx, the log-normaliser and the block
+  inverses, O(T * (D + C)) memory (per token: s in f's dtype, ctx and lse in float32, C
+  inverse entries in f's dtype for half precision), each tagged with ``checkpoint_name``
+  (:data:`RESIDUAL_NAMES`) for remat policies.
 
 Precision: score products take the input dtype (bf16 allowed) with float32 accumulation;
-softmax statistics, the right-hand-side carries, the block inverses, dgamma and all
-accumulators are float32 (float64 when the inputs are float64); s is stored in f's dtype.
-gamma may be float32 while q_b, k_b, f are bf16; dgamma comes back in gamma's dtype. The
-in-chunk products (block inverse times rows) run at full precision for float32/64 inputs and
-as one bf16 pass with float32 accumulation for half-precision inputs (see ``_inner``).
+softmax statistics, the right-hand-side carries, dgamma and all accumulators are float32
+(float64 when the inputs are float64); s is stored in f's dtype. gamma may be float32 while
+q_b, k_b, f are bf16; dgamma comes back in gamma's dtype. The in-chunk products (block
+inverse times rows) run at full precision for float32/64 inputs and as one bf16 pass with
+float32 accumulation for half-precision inputs (see ``_inner``).
 """
 
 from __future__ import annotations
@@ -288,8 +290,9 @@ def _chunked_forward(q_b, k_b, gamma, f, c, edges, inverse):
     product), the diagonal block A_cc and its inverse (I - diag(gamma_c) A_cc)^{-1}.
     Segment [a, b) of chunks is one ``lax.scan`` whose rows only see keys < b*c; every output
     is a full-length carry written in place (no stacked (n, B, c, ...) outputs to transpose).
-    Returns s (B, Tp, D) in f's dtype, and residuals ctx (B, Tp, D), lse (B, Tp) and the
-    inverted diagonal blocks (B, n, c, c) in the accumulator dtype.
+    Returns s (B, Tp, D) in f's dtype, and residuals ctx (B, Tp, D), lse (B, Tp) in the
+    accumulator dtype and the inverted diagonal blocks (B, n, c, c) (in f's dtype when that is
+    half precision, else the accumulator dtype).
     """
     B, tp, D = f.shape
     n = tp // c
@@ -322,14 +325,17 @@ def _chunked_forward(q_b, k_b, gamma, f, c, edges, inverse):
             s_buf = jax.lax.dynamic_update_slice_in_dim(s_buf, s_c.astype(mm), start, 1)
             ctx = jax.lax.dynamic_update_slice_in_dim(ctx, ctx_c, start, 1)
             lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_c, start, 1)
-            inv = jax.lax.dynamic_update_index_in_dim(inv, inv_c, i, 1)
+            inv = jax.lax.dynamic_update_index_in_dim(inv, inv_c.astype(inv.dtype), i, 1)
             return (s_buf, ctx, lse, inv), None
 
         return step
 
+    # The inverses are only ever used through _inner, which rounds them to a half-precision
+    # mm anyway: keep them in that dtype then (half the residual bytes, same numbers).
+    inv_dtype = mm if jnp.dtype(mm).itemsize < 4 else acc
     carry = (
         jnp.zeros_like(f), jnp.zeros((B, tp, D), acc), jnp.zeros((B, tp), acc),
-        jnp.zeros((B, n, c, c), acc),
+        jnp.zeros((B, n, c, c), inv_dtype),
     )
     for a, b in zip(edges[:-1], edges[1:]):
         carry, _ = jax.lax.scan(make_step(b * c), carry, jnp.arange(a, b))
