@@ -210,11 +210,18 @@ def _inner(spec, a, b, mm):
 def _doubling_inverse(n_blk, precision=jax.lax.Precision.HIGHEST):
     """(I - N)^{-1} = (I + N)(I + N^2)(I + N^4)... for strictly lower N (..., c, c)."""
     c = n_blk.shape[-1]
-    x, p = jnp.eye(c, dtype=n_blk.dtype) + n_blk, n_blk
-    for _ in range(max(0, math.ceil(math.log2(c)) - 1)):
-        p = _mm32("...ij,...jk->...ik", p, p, precision)
-        x = x + _mm32("...ij,...jk->...ik", x, p, precision)
-    return x
+    levels = math.ceil(math.log2(c)) if c > 1 else 0
+    mm = lambda a, b: _mm32("...ij,...jk->...ik", a, b, precision)
+    # x = I + N + ... + N^(2^m - 1), p = N^(2^m): x <- x + x p and p <- p p share the right
+    # operand p, so each level is ONE product of [p; x] (2c x c) by p (launches, not FLOPs).
+    x = jnp.eye(c, dtype=n_blk.dtype) + n_blk
+    if levels < 2:
+        return x
+    p = mm(n_blk, n_blk)
+    for _ in range(levels - 2):
+        p, xp = jnp.split(mm(jnp.concatenate([p, x], axis=-2), p), 2, axis=-2)
+        x = x + xp
+    return x + mm(x, p)
 
 
 def _diag_blocks(m, size):
