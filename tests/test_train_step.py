@@ -51,8 +51,12 @@ def run_one(cfg):
 def test_grad_accumulation_equals_one_big_batch_and_nan_guard():
     # eps=1 makes Adam's first update about lr * g (not lr * sign(g), which would amplify
     # rounding differences of tiny gradients), so equal updates mean equal gradients.
-    setup, step, s1, m1 = run_one(with_(optimizer={"grad_accum_steps": 1, "eps": 1.0}))
-    _, _, s2, m2 = run_one(with_(optimizer={"grad_accum_steps": 2, "eps": 1.0}))
+    # log_every 1: train accuracy is computed on logged steps only
+    setup, step, s1, m1 = run_one(with_(optimizer={"grad_accum_steps": 1, "eps": 1.0},
+                                        run={"log_every": 1}))
+    _, _, s2, m2 = run_one(with_(optimizer={"grad_accum_steps": 2, "eps": 1.0},
+                                 run={"log_every": 1}, model={"loss_chunk_size": 5}))
+    assert np.isfinite(m1["accuracy"])
     for k in ("loss", "accuracy", "grad_norm", "learning_rate", "scored"):
         np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, err_msg=k)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8),
@@ -117,3 +121,16 @@ def test_schedule_and_decay_mask():
     assert mask["blocks"][0]["mixer"]["W_in"]["bias"] is False
     assert mask["blocks"][0]["mixer"]["ln"]["scale"] is False
     assert mask["embed"]["embedding"] is False
+
+
+def test_train_accuracy_only_on_logged_steps():
+    from sessa_jax.train.step import logged_step
+
+    cfg = with_(run={"steps": 12, "log_every": 5, "eval_every": 4})
+    assert [k for k in range(1, 13) if logged_step(cfg, k)] == [4, 5, 8, 10, 12]
+    # traced step numbers give the same answer
+    traced = jax.jit(lambda k: logged_step(cfg, k))
+    assert [k for k in range(1, 13) if bool(traced(k))] == [4, 5, 8, 10, 12]
+    # step 1 of a 4-step run with log_every 10 is not logged: no accuracy there
+    _, _, _, m = run_one(with_(run={"log_every": 10}))
+    assert np.isnan(m["accuracy"]) and np.isfinite(m["loss"])

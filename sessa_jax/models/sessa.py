@@ -98,8 +98,10 @@ class SessaMixer(CausalSelfAttention):
         f, (k, v) = self.attend(a, return_kv=True)
         f = constrain(f, _ROWS)
         q_b, k_b, gamma = self._feedback_inputs(a)
+        cfg = self.cfg
         s = feedback_solve(
-            q_b, k_b, gamma, f, impl=self.cfg.feedback_impl, chunk_size=self.cfg.chunk_size
+            q_b, k_b, gamma, f, impl=cfg.feedback_impl, chunk_size=cfg.chunk_size,
+            segments=cfg.feedback_segments, inverse=cfg.feedback_inverse,
         )  # s in the compute dtype; the solve's statistics and carries are float32
         return (s, (k, v, k_b)) if return_state else s
 

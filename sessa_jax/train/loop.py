@@ -49,7 +49,9 @@ from sessa_jax.train.state import (
     Setup, abstract_with_shardings, init_state, make_setup,
 )
 from sessa_jax.train.stability import make_stats_step
-from sessa_jax.train.step import make_eval_step, make_train_step, summarize_eval, token_byte_lengths
+from sessa_jax.train.step import (
+    logged_step, make_eval_step, make_train_step, summarize_eval, token_byte_lengths,
+)
 
 def chance_accuracy(data_cfg) -> Optional[float]:
     """Accuracy of uniform guessing among a task's possible answers (None for text)."""
@@ -256,10 +258,12 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
         if track["compile_sec"] is None:
             track["compile_sec"] = time.perf_counter() - track["t_start"]
             thr.start(k)
-        log = force_log or evaluate or k % cfg.run.log_every == 0 or k == total
+        log = force_log or evaluate or bool(logged_step(cfg, k))
         rec = None
         if log:
-            rec = {"step": k, "loss": m["loss"], "accuracy": m["accuracy"],
+            # NaN: a step logged only because of a stop signal (accuracy not computed there)
+            acc = m["accuracy"] if math.isfinite(m["accuracy"]) else None
+            rec = {"step": k, "loss": m["loss"], "accuracy": acc,
                    "grad_norm": m["grad_norm"], "learning_rate": m["learning_rate"]}
             rec.update(thr.report(k))
             rec["skipped_total"] = track["skipped"]
