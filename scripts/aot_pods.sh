@@ -9,9 +9,11 @@ export TPU_WORKER_HOSTNAMES=${TPU_WORKER_HOSTNAMES:-localhost}
 declare -A TOPO=(
   [sessa-1b-v5p-128]=v5p:4x4x4 [transformer-1b-v5p-128]=v5p:4x4x4
   [sessa-7b-v5p-512]=v5p:8x8x4 [transformer-7b-v5p-512]=v5p:8x8x4
+  [sessa-1b-v5p-128-32k]=v5p:4x4x4 [sessa-1b-v5p-128-128k]=v5p:4x4x4
 )
 names=("$@")
-[ ${#names[@]} -eq 0 ] && names=(sessa-1b-v5p-128 transformer-1b-v5p-128 sessa-7b-v5p-512 transformer-7b-v5p-512)
+[ ${#names[@]} -eq 0 ] && names=(sessa-1b-v5p-128 transformer-1b-v5p-128 sessa-7b-v5p-512 transformer-7b-v5p-512
+                              sessa-1b-v5p-128-32k sessa-1b-v5p-128-128k)
 mkdir -p benchmarks/aot
 status=0
 for n in "${names[@]}"; do

@@ -7,6 +7,7 @@ compute with float32 parameters, plus single-token decode speed at long contexts
     python scripts/bench_layer.py                       # the full sweep (GPU)
     python scripts/bench_layer.py --T 512,2048 --reps 3 # a quick one
     python scripts/bench_layer.py --out bench.json --markdown
+    python scripts/bench_layer.py --impls feedback --inverse doubling --segments 16  # variants
 
 Every configuration runs in its own process, so each peak-memory figure is that
 configuration's own (``peak_bytes_in_use``) and an out-of-memory failure stays contained.
@@ -39,6 +40,7 @@ def _run_one(args) -> dict:
     key = jax.random.PRNGKey(0)
     dt = jnp.bfloat16
     res = dict(impl=args.one_impl, T=T, B=B, D=D, heads=args.heads, chunk=args.chunk,
+               segments=args.segments, inverse=args.inverse, gamma_dtype=args.gamma_dtype,
                device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
                jax=jax.__version__)
 
@@ -47,11 +49,12 @@ def _run_one(args) -> dict:
         ks = jax.random.split(key, 4)
         q = jax.random.normal(ks[0], (B, T, D), dt)
         k = jax.random.normal(ks[1], (B, T, D), dt)
-        g = (0.9 * jnp.tanh(jax.random.normal(ks[2], (B, T)))).astype(dt)
+        g = (0.9 * jnp.tanh(jax.random.normal(ks[2], (B, T)))).astype(args.gamma_dtype)
         f = jax.random.normal(ks[3], (B, T, D), dt)
 
         def loss(q, k, g, f):
-            s = feedback_solve(q, k, g, f, impl="chunked", chunk_size=args.chunk)
+            s = feedback_solve(q, k, g, f, impl="chunked", chunk_size=args.chunk,
+                               segments=args.segments, inverse=args.inverse)
             return jnp.mean(s.astype(jnp.float32) ** 2)
 
         fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
@@ -65,7 +68,8 @@ def _run_one(args) -> dict:
         else:
             layer = SessaLayer(
                 SessaConfig(d_model=D, n_heads=args.heads, dtype="bfloat16",
-                            feedback_impl=args.one_impl, chunk_size=args.chunk),
+                            feedback_impl=args.one_impl, chunk_size=args.chunk,
+                            feedback_segments=args.segments, feedback_inverse=args.inverse),
                 rngs=nnx.Rngs(0),
             )
         graphdef, params = nnx.split(layer)
@@ -160,7 +164,9 @@ def _sweep(args) -> list[dict]:
             continue
         cmd = [sys.executable, __file__, "--one-impl", impl, "--one-T", str(T), "--mode", mode,
                "--tokens", str(args.tokens), "--d-model", str(args.d_model),
-               "--heads", str(args.heads), "--chunk", str(args.chunk), "--reps", str(args.reps)]
+               "--heads", str(args.heads), "--chunk", str(args.chunk), "--reps", str(args.reps),
+               "--segments", str(args.segments), "--inverse", args.inverse,
+               "--gamma-dtype", args.gamma_dtype]
         t0 = time.time()
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -217,6 +223,12 @@ def main():
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--chunk", type=int, default=256)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--segments", type=int, default=8,
+                   help="scans the chunked sweep is split into (causal skipping)")
+    p.add_argument("--inverse", default="blocked", choices=("solve", "doubling", "blocked"),
+                   help="how the chunked solve inverts its diagonal blocks")
+    p.add_argument("--gamma-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="gamma's dtype for --impls feedback (the layer computes it in float32)")
     p.add_argument("--dense-max-T", type=int, default=16384)
     p.add_argument("--decode-contexts", default="4096,32768")
     p.add_argument("--timeout", type=int, default=240)

@@ -6,6 +6,10 @@ exponential fits (see sessa_jax/science/influence.py for the Jacobian estimator)
     python scripts/influence.py --construct sessa-uniform --construct attention-uniform \\
         --construct ssm-decay --gamma 0.3 --gamma 0.6 --gamma 0.9 --out runs/influence
 
+    # the non-decaying two-layer Sessa construction (flat over lags 10..1000)
+    python scripts/influence.py --construct sessa-flat --construct sessa-uniform \\
+        --lag-min 10 --lag-max 1000 --out runs/influence-flat
+
     # trained models: x = embedded inputs, y = final hidden states; random tokens per seed
     python scripts/influence.py --checkpoint runs/mqar-sessa --checkpoint runs/mqar-mamba \\
         --T 256 --seeds 3 --out runs/influence-mqar
@@ -19,7 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sessa_jax.science.constructions import CONSTRUCTIONS, construction_curve
+from sessa_jax.science.constructions import CONSTRUCTIONS, FLAT_GAMMA, construction_curve
 from sessa_jax.science.influence import checkpoint_influence, report
 
 
@@ -34,6 +38,9 @@ def main(argv=None) -> int:
     p.add_argument("--gamma", type=float, action="append", default=None,
                    help="sessa-uniform gain (repeatable; default 0.5)")
     p.add_argument("--decay", type=float, default=0.95, help="ssm-decay a")
+    p.add_argument("--flat-gamma", type=float, default=FLAT_GAMMA,
+                   help=f"sessa-flat's tied gain per layer (default {FLAT_GAMMA})")
+    p.add_argument("--layers", type=int, default=2, help="sessa-flat's number of layers")
     p.add_argument("--method", default="auto", choices=("auto", "exact", "probe"))
     p.add_argument("--probes", type=int, default=8)
     p.add_argument("--lag-min", type=int, default=None)
@@ -50,6 +57,10 @@ def main(argv=None) -> int:
             for g in a.gamma or [0.5]:
                 lags, v = construction_curve(name, T, gamma=g)
                 curves.append(("construction", f"{name}(gamma={g:g})", lags, v))
+        elif name == "sessa-flat":
+            lags, v = construction_curve(name, T, flat_gamma=a.flat_gamma, layers=a.layers)
+            curves.append(("construction", f"{name}(gamma={a.flat_gamma:g},L={a.layers})",
+                           lags, v))
         else:
             lags, v = construction_curve(name, T, decay=a.decay)
             label = f"{name}(a={a.decay:g})" if name == "ssm-decay" else name

@@ -149,8 +149,8 @@ def _generate_jit(graphdef, state, prompts, lengths, rng, eos_id, pad_id, *,
     N = max_new_tokens
 
     cache = model.init_cache(B, max_len)
-    logits, cache = model.prefill(prompts, cache, lengths)  # (B, T, V)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
+    # Logits at each row's last real position only: the LM head runs on B positions, not B*T.
+    last, cache = model.prefill(prompts, cache, lengths, last_only=True)  # (B, V)
 
     def emit(i, logits, out, done, n):
         """Sample token i from logits (B, V); rows already done emit pad instead."""
@@ -201,7 +201,8 @@ def generate(
 
     Args:
       model: a DecoderLM (any family), or any module with ``init_cache(B, max_len)``,
-        ``prefill(tokens, cache, lengths)`` and ``decode_step(token, cache)``.
+        ``prefill(tokens, cache, lengths, last_only=True)`` (-> (B, V) logits at
+        ``lengths - 1``) and ``decode_step(token, cache)``.
       prompts: (B, T) int right-padded prompts (see :func:`pad_prompts`).
       lengths: (B,) int real prompt lengths, 1 <= lengths <= T.
       max_new_tokens: tokens to generate per row (static).

@@ -33,7 +33,14 @@ from sessa_jax.models.sessa import SessaLayer
 _LINEARS = ("W_in", "W_out", "mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.proj_fb")
 
 
+def _check_reference_layer(cfg: SessaConfig) -> None:
+    if getattr(cfg, "feedback_qk_norm", False):
+        raise ValueError("feedback_qk_norm=True: the author's layer has no q_b/k_b norms, so "
+                         "this layer has no reference state_dict (turn it off to interoperate)")
+
+
 def _name_table(cfg: SessaConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
+    _check_reference_layer(cfg)
     return layer_name_table(cfg.n_heads)
 
 
@@ -115,6 +122,7 @@ def _model_entries(cfg):
     if cfg.family != "sessa":
         raise ValueError(f"model family={cfg.family!r}: the author's naming covers Sessa stacks "
                          "only (use the Hugging Face export for other families)")
+    _check_reference_layer(cfg)
     e = [Entry("embedding.weight", "embed.embedding", "copy")]
     for i in range(cfg.n_layers):
         e += sessa_layer_entries(cfg.n_heads, f"layers.{i}.", f"blocks.{i}.mixer.")

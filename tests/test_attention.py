@@ -150,3 +150,14 @@ def test_attention_impl_reachable_by_override(tmp_path):
     with pytest.raises((ConfigError, ValueError), match="attention_impl"):
         load_config(os.path.join(ROOT, "configs", "quickstart.yaml"),
                     ["model.attention_impl=cudnn"])  # quickstart computes in float32
+
+
+def test_splash_on_a_cpu_run_is_a_config_error():
+    from sessa_jax.train.config import ConfigError, load_config
+    from sessa_jax.train.mesh import make_mesh
+    from sessa_jax.train.state import make_setup
+
+    cfg = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"),
+                      ["model.attention_impl=splash"])
+    with pytest.raises(ConfigError, match="model.attention_impl='splash' is a TPU kernel"):
+        make_setup(cfg, make_mesh(cfg.mesh))

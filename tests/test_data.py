@@ -429,3 +429,12 @@ def test_corpus_too_short(tmp_path):
     one_row = write(tmp_path / "one.txt", "y" * 32)  # 33 tokens: one row, none left for valid
     with pytest.raises(DataError, match="too few to hold out valid_fraction"):
         make_task(small_cfg("text", seq_len=32, text=TextConfig(paths=[one_row])))
+
+
+def test_missing_tokenizer_file_is_reported_as_a_missing_file(tmp_path):
+    """Not as a missing 'sentencepiece' package (the check comes before the import)."""
+    from sessa_jax.data import DataError
+    from sessa_jax.data.tokenizer import load_tokenizer
+
+    with pytest.raises(DataError, match=r"tokenizer='.*nope.model': file not found"):
+        load_tokenizer(str(tmp_path / "nope.model"))

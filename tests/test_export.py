@@ -126,6 +126,11 @@ CHECK = textwrap.dedent(r'''
     t["blocks.0.mlp.up.kernel"] = np.zeros((3, 5), np.float32)
     t["blocks.7.extra"] = np.zeros((2,), np.float32)
     save_file(t, f)
+    assert "sha256 does not match config.json" in err(bad)  # an edited file is caught first
+    from sessa_jax.export.core import file_sha256
+    conf = json.load(open(os.path.join(bad, "config.json")))
+    conf["sha256"]["model.safetensors"] = file_sha256(f)  # as if exported that way
+    json.dump(conf, open(os.path.join(bad, "config.json"), "w"))
     msg = err(bad)
     for part in ("missing (2): embed.embedding, ln_f.scale", "unexpected (1): blocks.7.extra",
                  "blocks.0.mlp.up.kernel: expected (16, 32), got (3, 5)"):

@@ -138,3 +138,83 @@ def test_batch_sharded_solve_on_two_cpu_devices_finishes():
         pytest.fail("the batch-sharded feedback solve on 2 CPU devices did not finish in 180 s")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "chunked done" in p.stdout and "dense done" in p.stdout
+
+
+@pytest.mark.parametrize("B,T,D,chunk,sharp,gscale", [CASES[0], CASES[2]])
+def test_chunked_doubling_inverse_equals_dense_float64(B, T, D, chunk, sharp, gscale, x64):
+    seed = int(np.random.SeedSequence().generate_state(1)[0] % 2**31)
+    q, k, g, f, w = _inputs(seed, B, T, D, sharp=sharp, gamma_scale=gscale)
+
+    def loss(impl, inverse):
+        return lambda q, k, g, f: jnp.sum(
+            feedback_solve(q, k, g, f, impl=impl, chunk_size=chunk, inverse=inverse) * w)
+
+    vd, gd = jax.jit(jax.value_and_grad(loss("dense", "solve"), argnums=(0, 1, 2, 3)))(q, k, g, f)
+    vc, gc = jax.jit(jax.value_and_grad(loss("chunked", "doubling"), argnums=(0, 1, 2, 3)))(
+        q, k, g, f)
+    assert abs(float(vc - vd)) <= 1e-9 * abs(float(vd)), seed
+    for name, a, b in zip(("q_b", "k_b", "gamma", "f"), gc, gd):
+        assert rel_err(a, b) <= 1e-9, (name, seed)
+
+
+def test_bf16_inputs_with_float32_gamma():
+    """The layer computes gamma in float32 with bf16 activations: s comes back in bf16, dgamma
+    in float32, both close to the float32 reference."""
+    q, k, g, f, w = _inputs(12, 1, 40, 16)
+    bf = lambda x: x.astype(jnp.bfloat16)
+
+    def loss(q, k, g, f):
+        return jnp.sum(feedback_solve(q, k, g, f, chunk_size=16).astype(jnp.float32) * w)
+
+    s = feedback_solve(bf(q), bf(k), g, bf(f), chunk_size=16)
+    assert s.dtype == jnp.bfloat16
+    assert rel_err(s.astype(jnp.float32), feedback_dense(q, k, g, f)) <= 3e-2
+    grads = jax.grad(loss, argnums=(0, 1, 2, 3))(bf(q), bf(k), g, bf(f))
+    ref = jax.grad(lambda *a: jnp.sum(feedback_dense(*a) * w), argnums=(0, 1, 2, 3))(q, k, g, f)
+    assert [x.dtype for x in grads] == [jnp.bfloat16, jnp.bfloat16, jnp.float32, jnp.bfloat16]
+    for a, b in zip(grads, ref):
+        assert rel_err(a.astype(jnp.float32), b) <= 3e-2
+
+
+def test_decode_step_does_not_cast_the_cache():
+    """feedback_decode_step accumulates in float32 inside the products: no (B, L, D) convert."""
+    from sessa_jax.ops.feedback import feedback_decode_step
+
+    B, L, D = 2, 7, 8
+    bf = jax.ShapeDtypeStruct
+    args = (bf((B, D), jnp.bfloat16), bf((B, L, D), jnp.bfloat16), bf((B, L, D), jnp.bfloat16),
+            bf((B,), jnp.float32), bf((B, D), jnp.bfloat16), bf((B,), jnp.int32))
+    jaxpr = jax.make_jaxpr(feedback_decode_step)(*args).jaxpr
+    casts = [e for e in jaxpr.eqns if e.primitive.name == "convert_element_type"
+             and e.outvars[0].aval.shape == (B, L, D)]
+    assert not casts
+
+
+@pytest.mark.parametrize("c,base", [(7, 4), (20, 4), (130, 64)])
+def test_block_inverses_equal_the_triangular_solve(c, base, x64):
+    """The matmul-only diagonal-block inverses (doubling, recursive blocks with identity
+    padding to base * 2^k) equal a unit lower-triangular solve."""
+    from jax.scipy.linalg import solve_triangular
+    from sessa_jax.ops.feedback import _blocked_inverse, _doubling_inverse
+
+    a = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(c), (2, c, c)), axis=-1)
+    n = 0.999 * jnp.tril(a, -1)
+    eye = jnp.broadcast_to(jnp.eye(c), (2, c, c))
+    ref = solve_triangular(eye - n, eye, lower=True, unit_diagonal=True)
+    np.testing.assert_allclose(_blocked_inverse(n, base=base), ref, atol=1e-13)
+    np.testing.assert_allclose(_doubling_inverse(n), ref, atol=1e-13)
+
+
+def test_chunked_blocked_inverse_equals_dense_float64(x64):
+    """inverse='blocked' with a chunk above the 64-row base (72: padded to 128)."""
+    q, k, g, f, w = _inputs(21, 1, 150, 4, gamma_scale=30.0)
+
+    def loss(impl):
+        return lambda q, k, g, f: jnp.sum(
+            feedback_solve(q, k, g, f, impl=impl, chunk_size=72, inverse="blocked") * w)
+
+    vd, gd = jax.jit(jax.value_and_grad(loss("dense"), argnums=(0, 1, 2, 3)))(q, k, g, f)
+    vc, gc = jax.jit(jax.value_and_grad(loss("chunked"), argnums=(0, 1, 2, 3)))(q, k, g, f)
+    assert abs(float(vc - vd)) <= 1e-9 * abs(float(vd))
+    for name, a, b in zip(("q_b", "k_b", "gamma", "f"), gc, gd):
+        assert rel_err(a, b) <= 1e-9, name

@@ -90,3 +90,55 @@ def test_script_constructions(tmp_path):
     assert fits["sessa-uniform(gamma=0.5)"]["better"] == "power"
     assert fits["ssm-decay(a=0.95)"]["better"] == "exponential"
     assert os.path.exists(tmp_path / "influence.png")
+
+
+def test_sessa_flat_does_not_decay():
+    """Two tied Sessa layers at gamma = 7/8: fitted slope within 0.05 of 0 over lags 10..1000,
+    while one such layer decays like l^-(1 - gamma) (the cross-layer paths make the difference)."""
+    lags, v = construction_curve("sessa-flat", T)
+    fit = fit_curve("flat", lags, v, 10, 1000)
+    assert abs(fit.power_slope) < 0.05, fit
+    ratio = v[lags == 1000][0] / v[lags == 10][0]
+    assert 0.9 < ratio < 1.1, ratio  # flat, not merely a slow power law
+    lags1, v1 = construction_curve("sessa-flat", T, layers=1)
+    one = fit_curve("one", lags1, v1, 10, 1000)
+    assert abs(one.power_slope + 0.125) < 0.01, one
+
+
+def test_sessa_flat_is_what_real_sessa_layers_compute():
+    """The closed form against autodiff through two SessaLayers with the construction's weights:
+    every Jacobian block (t, j), t > j, has norm |(I + K)^2|[t, j], and the operating point is a
+    fixed point of each layer (so the second layer is linearised where the first one was)."""
+    import jax
+    import jax.numpy as jnp
+    from sessa_jax.science.constructions import FLAT_X0, flat_stack_layers, sessa_stack_jacobian
+
+    n = 24
+    layers = flat_stack_layers()
+    x = jnp.tile(jnp.asarray(FLAT_X0, jnp.float32), (1, n, 1))
+
+    def f(x):
+        for layer in layers:
+            x = layer(x)
+        return x
+
+    np.testing.assert_allclose(np.asarray(jax.jit(f)(x)), np.asarray(x), atol=1e-6)
+    jac = np.asarray(jax.jit(jax.jacrev(f))(x))[0, :, :, 0]  # (t, d, j, e)
+    norms = np.sqrt(np.sum(jac.astype(np.float64) ** 2, axis=(1, 3)))  # (t, j)
+    ref = np.abs(sessa_stack_jacobian(n))
+    below = np.tril(np.ones((n, n), bool), k=-1)
+    np.testing.assert_allclose(norms[below], ref[below], rtol=1e-4)
+    assert np.all(norms[~np.tril(np.ones((n, n), bool))] < 1e-6)  # causal
+
+
+def test_script_sessa_flat(tmp_path):
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "influence.py")
+    spec = importlib.util.spec_from_file_location("influence_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--construct", "sessa-flat", "--T", "1200", "--lag-min", "10",
+                     "--lag-max", "1000", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "fits.csv") as f:
+        fits = {r["name"]: r for r in csv.DictReader(f)}
+    assert abs(float(fits["sessa-flat(gamma=0.875,L=2)"]["power_slope"])) < 0.05

@@ -385,3 +385,92 @@ def test_constrain_checks_rank():
 
 if __name__ == "__main__":
     print(json.dumps(_sharding_report()))
+
+
+def _count_loops(fn, *args):
+    return jax.jit(fn).lower(*args).compile().as_text().count(" while(")
+
+
+def test_remat_save_feedback_keeps_the_solve_residuals():
+    """remat='save_feedback' gives the same gradients, saves the named feedback residuals,
+    and compiles to as many loops as no remat (the solve is not re-run in the backward pass),
+    while remat='full' re-runs it."""
+    from sessa_jax.ops.feedback import RESIDUAL_NAMES
+
+    tokens = jax.random.randint(jax.random.key(0), (2, 10), 0, 32)  # 9 inputs: 5 chunks
+    ref_loss, ref_g = _loss_and_grads(_tiny("sessa", remat="none"), tokens)
+    loss, g = _loss_and_grads(_tiny("sessa", remat="save_feedback"), tokens)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 jax.tree.leaves(g), jax.tree.leaves(ref_g))
+
+    loops = {}
+    for remat in ("none", "full", "save_feedback"):
+        model = DecoderLM(_tiny("sessa", remat=remat), rngs=nnx.Rngs(0))
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss_fn(p):
+            return jnp.sum(nnx.merge(graphdef, p, rest)(tokens) ** 2)
+
+        if remat == "save_feedback":
+            import contextlib
+            import io
+            import re
+
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                jax.ad_checkpoint.print_saved_residuals(loss_fn, params)
+            assert set(re.findall(r"named '(\w+)'", buf.getvalue())) == set(RESIDUAL_NAMES)
+        loops[remat] = _count_loops(jax.grad(loss_fn), params)
+    assert loops["save_feedback"] == loops["none"] < loops["full"], loops
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_chunked_cross_entropy_equals_plain(tie):
+    """token_nll over chunks of 3 positions (T = 8: a ragged last chunk) equals optax's
+    cross-entropy on the full logits, forward and gradient; argmax too, and only on request."""
+    import optax
+
+    tokens = jax.random.randint(jax.random.key(3), (2, 9), 0, 32)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    w = jax.random.uniform(jax.random.key(4), y.shape)
+    out = {}
+    for chunk in (0, 3):
+        model = DecoderLM(_tiny("sessa", loss_chunk_size=chunk, tie_embeddings=tie),
+                          rngs=nnx.Rngs(0))
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(p, plain=False):
+            m = nnx.merge(graphdef, p, rest)
+            if plain:
+                nll = optax.softmax_cross_entropy_with_integer_labels(m(x), y)
+            else:
+                nll, _ = m.token_nll(m.hidden(x), y)
+            return jnp.sum(nll * w)
+
+        out[chunk] = jax.jit(jax.value_and_grad(loss))(params)
+        if chunk == 3:
+            out["plain"] = jax.jit(jax.value_and_grad(lambda p: loss(p, True)))(params)
+            m = nnx.merge(graphdef, params, rest)
+            h = m.hidden(x)
+            _, pred = m.token_nll(h, y, predict=True)
+            np.testing.assert_array_equal(pred, jnp.argmax(m(x), axis=-1))
+            _, off = jax.jit(lambda h, f: m.token_nll(h, y, predict=f))(h, False)
+            assert (np.asarray(off) == -1).all()
+            assert m.token_nll(h, y)[1] is None
+    for key in (0, 3):
+        np.testing.assert_allclose(out[key][0], out["plain"][0], rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                     jax.tree.leaves(out[key][1]), jax.tree.leaves(out["plain"][1]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_last_only_equals_full_logits(family):
+    model = DecoderLM(_tiny(family), rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(5), (2, 6), 0, 32)
+    lengths = jnp.asarray([6, 3], jnp.int32)
+    full, c_full = model.prefill(tokens, model.init_cache(2, 8), lengths)
+    last, c_last = model.prefill(tokens, model.init_cache(2, 8), lengths, last_only=True)
+    assert last.shape == (2, 32) and last.dtype == jnp.float32
+    np.testing.assert_allclose(last, full[jnp.arange(2), lengths - 1], rtol=1e-6, atol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, c_last, c_full)

@@ -108,9 +108,10 @@ def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys):
                            ([str(bad)], "empty.txt: empty file")):
         code, err = run_cli(cli.train_main, [
             "--config", path, "data.task=text", f"data.text.paths={paths}", out], capsys)
-        assert code == 2 and message in err, err
+        assert code == 3 and message in err, err  # data errors exit 3
     code, err = run_cli(cli.eval_main, ["--run", str(tmp_path / "no-run")], capsys)
-    assert code == 2 and "no-run/checkpoints: no checkpoints directory" in err
+    assert code == 4 and "no-run/checkpoints: no checkpoints directory" in err
+    assert not (tmp_path / "run").exists()  # no failed call above created the run directory
 
 
 def test_print_config(tmp_path, capsys):

@@ -81,8 +81,9 @@ def run_until_then_term(args, env, run_dir, past: int):
     assert proc.poll() is None, f"run ended before it could be interrupted:\n{proc.stdout.read()}"
     proc.send_signal(signal.SIGTERM)
     code, out = finish(proc)
-    assert code == 0, out
+    assert code == 143, out  # interrupted (after saving), not finished
     assert "SIGTERM: saved checkpoint at step" in out, out
+    assert "stopped by SIGTERM at step" in out and "final eval" not in out, out
     return out
 
 

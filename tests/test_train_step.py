@@ -51,8 +51,12 @@ def run_one(cfg):
 def test_grad_accumulation_equals_one_big_batch_and_nan_guard():
     # eps=1 makes Adam's first update about lr * g (not lr * sign(g), which would amplify
     # rounding differences of tiny gradients), so equal updates mean equal gradients.
-    setup, step, s1, m1 = run_one(with_(optimizer={"grad_accum_steps": 1, "eps": 1.0}))
-    _, _, s2, m2 = run_one(with_(optimizer={"grad_accum_steps": 2, "eps": 1.0}))
+    # log_every 1: train accuracy is computed on logged steps only
+    setup, step, s1, m1 = run_one(with_(optimizer={"grad_accum_steps": 1, "eps": 1.0},
+                                        run={"log_every": 1}))
+    _, _, s2, m2 = run_one(with_(optimizer={"grad_accum_steps": 2, "eps": 1.0},
+                                 run={"log_every": 1}, model={"loss_chunk_size": 5}))
+    assert np.isfinite(m1["accuracy"])
     for k in ("loss", "accuracy", "grad_norm", "learning_rate", "scored"):
         np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, err_msg=k)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8),
@@ -74,18 +78,34 @@ def test_grad_accumulation_equals_one_big_batch_and_nan_guard():
     jax.tree.map(np.testing.assert_array_equal, after.opt_state, before.opt_state)
 
 
-def test_nonfinite_run_stops_with_a_message(tmp_path, capsys):
+def test_nonfinite_run_stops_with_a_message(tmp_path, capsys, monkeypatch):
+    """A NaN parameter makes every step non-finite: the run stops (exit 1) with a message, and
+    does not save the non-finite state. (optimizer.lr=inf is now rejected at config time.)"""
     import yaml
+    from sessa_jax.train import loop
+
+    real_init = loop.init_state
+
+    def nan_init(setup):
+        state = real_init(setup)
+        params = jax.tree.map(np.array, jax.device_get(state.params))
+        params["embed"]["embedding"][3, 0] = np.nan
+        return state.replace(params=jax.device_put(params, setup.shardings.params))
+
+    monkeypatch.setattr(loop, "init_state", nan_init)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(RAW))
-    code = cli.train_main(["--config", str(path), "optimizer.lr=.inf", "run.steps=6",
+    code = cli.train_main(["--config", str(path), "run.steps=6",
                            "run.max_nonfinite_in_a_row=2", "run.log_every=1",
                            f"run.output_dir={tmp_path}/run", "run.tensorboard=false"])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert code == 1
     assert "stopping at step 2: 2 steps in a row had a non-finite" in err
+    assert "not saving step 3: its parameters are non-finite" in out
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_total"] for r in lines] == [1, 2]
+    assert cli.train_main(["--config", str(path), "optimizer.lr=.inf"]) == 2
+    assert "optimizer.lr: expected a finite number, got inf" in capsys.readouterr().err
 
 
 def test_schedule_and_decay_mask():
@@ -101,3 +121,16 @@ def test_schedule_and_decay_mask():
     assert mask["blocks"][0]["mixer"]["W_in"]["bias"] is False
     assert mask["blocks"][0]["mixer"]["ln"]["scale"] is False
     assert mask["embed"]["embedding"] is False
+
+
+def test_train_accuracy_only_on_logged_steps():
+    from sessa_jax.train.step import logged_step
+
+    cfg = with_(run={"steps": 12, "log_every": 5, "eval_every": 4})
+    assert [k for k in range(1, 13) if logged_step(cfg, k)] == [4, 5, 8, 10, 12]
+    # traced step numbers give the same answer
+    traced = jax.jit(lambda k: logged_step(cfg, k))
+    assert [k for k in range(1, 13) if bool(traced(k))] == [4, 5, 8, 10, 12]
+    # step 1 of a 4-step run with log_every 10 is not logged: no accuracy there
+    _, _, _, m = run_one(with_(run={"log_every": 10}))
+    assert np.isnan(m["accuracy"]) and np.isfinite(m["loss"])

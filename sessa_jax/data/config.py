@@ -23,6 +23,23 @@ SPLITS = ("train", "valid", "test")
 # SymbolSoup: <bos> n0 <sep1> b1 <sep2> n1 <sep1> b2 <sep2> n2 <sep> <label> = M symbols + 7.
 SOUP_OVERHEAD = 7
 SOUP_MIN_SYMBOLS = 5  # 3 noise blocks and 2 stylised blocks of at least 1 symbol each
+# The 'paper' layout adds whitespace tokens (symbols/symbol_soup.py): M symbols, M - 5 spaces
+# (between symbols of a segment), 11 newlines (between the 12 items) and the 7 markers.
+SOUP_PAPER_OVERHEAD = 13  # tokens = 2 M + 13
+SOUP_LAYOUTS = ("compact", "paper")
+
+
+def soup_tokens(layout: str, m: int) -> int:
+    """Token length (<bos> .. <label>) of a SymbolSoup example with m symbols."""
+    return m + SOUP_OVERHEAD if layout == "compact" else 2 * m + SOUP_PAPER_OVERHEAD
+
+
+def soup_symbol_range(layout: str, min_len: int, max_len: int) -> tuple[int, int]:
+    """(m_lo, m_hi): the symbol counts whose token length lies in [min_len, max_len]."""
+    if layout == "compact":
+        return min_len - SOUP_OVERHEAD, max_len - SOUP_OVERHEAD
+    # paper: lengths 2M + 13 are odd, so round the bounds inwards
+    return -((SOUP_PAPER_OVERHEAD - min_len) // 2), (max_len - SOUP_PAPER_OVERHEAD) // 2
 
 
 def _is_int(value) -> bool:
@@ -78,6 +95,10 @@ class SymbolSoupConfig:
     ``min_len``/``max_len`` bound the token length of an example from ``<bos>`` to ``<label>``
     inclusive; None derives them from seq_len (max_len = seq_len, min_len = 2/3 of it, like the
     public 400-600 default). Set them to train at one length and evaluate at another.
+
+    ``layout``: ``"compact"`` (one token per symbol and marker, no whitespace: M + 7 tokens) or
+    ``"paper"`` (the public generator's text, where every space and newline between symbols and
+    markers is a token too: 2 M + 13 tokens, always odd); see ``data/tasks/symbol_soup.py``.
     """
 
     min_len: Optional[int] = None
@@ -87,10 +108,12 @@ class SymbolSoupConfig:
     flip_prob: float = 0.03
     noise_min: float = 0.3  # noise share of the M symbols is uniform in [noise_min, noise_max]
     noise_max: float = 0.6
+    layout: Literal["compact", "paper"] = "compact"
 
     def __post_init__(self):
         p = "data.symbol_soup"
-        minimum = SOUP_MIN_SYMBOLS + SOUP_OVERHEAD
+        _check_choice(f"{p}.layout", self.layout, SOUP_LAYOUTS)
+        minimum = self.min_tokens
         _check_opt_int(f"{p}.min_len", self.min_len, minimum)
         _check_opt_int(f"{p}.max_len", self.max_len, minimum)
         _check_fraction(f"{p}.motif_prob", self.motif_prob)
@@ -104,18 +127,33 @@ class SymbolSoupConfig:
                 f"{p}.noise_min={self.noise_min} is larger than {p}.noise_max={self.noise_max}"
             )
 
+    @property
+    def min_tokens(self) -> int:
+        """Shortest possible example (5 symbols) in this layout."""
+        return soup_tokens(self.layout, SOUP_MIN_SYMBOLS)
+
     def lengths(self, seq_len: int) -> tuple[int, int]:
         """(min_len, max_len) in tokens for this seq_len; raises ValueError if they don't fit."""
-        minimum = SOUP_MIN_SYMBOLS + SOUP_OVERHEAD
+        minimum = self.min_tokens
         if seq_len < minimum:
+            extra = "" if self.layout == "compact" else " and their spaces and newlines"
             raise ValueError(
                 f"data.task='symbol_soup' does not fit seq_len={seq_len}: needs at least "
-                f"{minimum} tokens (<bos>, 5 separators, <label> and >= 5 symbols)"
+                f"{minimum} tokens (<bos>, 5 separators, <label> and >= 5 symbols{extra}; "
+                f"data.symbol_soup.layout={self.layout!r})"
             )
         default_min = max(minimum, (2 * seq_len) // 3)
         if self.max_len is not None:
             default_min = min(default_min, self.max_len)
-        return _resolve_len("data.symbol_soup", self.min_len, self.max_len, seq_len, default_min)
+        lo, hi = _resolve_len("data.symbol_soup", self.min_len, self.max_len, seq_len,
+                              default_min)
+        m_lo, m_hi = soup_symbol_range(self.layout, lo, hi)
+        if m_lo > m_hi:  # only the paper layout, whose lengths are all odd
+            raise ValueError(
+                f"data.symbol_soup.min_len={lo}, max_len={hi}: no example length fits; "
+                f"layout='paper' lengths are 2*symbols + {SOUP_PAPER_OVERHEAD} (odd numbers)"
+            )
+        return lo, hi
 
     def check_fits(self, seq_len: int) -> None:
         self.lengths(seq_len)
@@ -324,6 +362,9 @@ class DataConfig:
     spaces, and how many valid examples an eval pass reads. For ``text`` the split sizes are the
     packed row counts instead. ``shuffle``: visit each epoch of the train index space in a
     permuted order keyed by (seed, epoch). ``num_threads``/``prefetch`` tune Grain's reader.
+    ``on_bad_record``: a record that cannot be read (a corrupted ArrayRecord shard) raises a
+    DataError naming the file and record ("error"), or is replaced by an all-pad, unscored
+    example, warned about and counted in the run's summary ("skip"); it may change on resume.
     """
 
     task: TaskName = "symbol_soup"
@@ -334,6 +375,7 @@ class DataConfig:
     shuffle: bool = True
     num_threads: int = 2
     prefetch: int = 32  # examples buffered by the reader
+    on_bad_record: Literal["error", "skip"] = "error"
     symbol_soup: SymbolSoupConfig = dataclasses.field(default_factory=SymbolSoupConfig)
     mqar: MQARConfig = dataclasses.field(default_factory=MQARConfig)
     selective_copy: SelectiveCopyConfig = dataclasses.field(default_factory=SelectiveCopyConfig)
@@ -351,6 +393,7 @@ class DataConfig:
             raise ValueError(f"data.shuffle={self.shuffle!r}: expected true or false")
         _check_int("data.num_threads", self.num_threads, 0)
         _check_int("data.prefetch", self.prefetch, 0)
+        _check_choice("data.on_bad_record", self.on_bad_record, ("error", "skip"))
         for name, cls in (
             ("symbol_soup", SymbolSoupConfig), ("mqar", MQARConfig),
             ("selective_copy", SelectiveCopyConfig), ("passkey", PasskeyConfig),

@@ -21,12 +21,14 @@ Batches are dicts of stacked NumPy arrays: ``inputs`` int32 (L, T), ``targets`` 
 from __future__ import annotations
 
 import math
+import threading
+import warnings
 from typing import Iterator, Optional
 
 import grain
-import numpy as np
 
 from sessa_jax.data.config import DataConfig
+from sessa_jax.data.errors import DataError
 from sessa_jax.data.tasks.base import Task, split_id
 
 # Length of the train index plan in steps: effectively unbounded (indices are Python ints).
@@ -146,16 +148,34 @@ class IndexPlan:
         return permute_index(i, self.n, self.seed, epoch) if self.shuffle else i
 
 
+_SKIP_LOCK = threading.Lock()
+
+
 class _Generate:
-    """Example index -> example dict (an all-pad, unscored example for index -1)."""
+    """Example index -> example dict (an all-pad, unscored example for index -1).
+
+    An unreadable record (DataError) propagates, or with ``data.on_bad_record='skip'`` becomes
+    an all-pad, unscored example, is warned about once and counted in ``task.skipped_records``
+    (so batch shapes and the step -> batch mapping stay the same).
+    """
 
     def __init__(self, task: Task, split: str):
         self.task, self.split = task, split
+        self.skip = getattr(task.cfg, "on_bad_record", "error") == "skip"
 
     def __call__(self, index: int) -> dict:
         if index < 0:
             return self.task.pad_example()
-        return self.task.example(self.split, index)
+        try:
+            return self.task.example(self.split, index)
+        except DataError as e:
+            if not self.skip:
+                raise
+            with _SKIP_LOCK:  # reader threads share the task
+                self.task.skipped_records = getattr(self.task, "skipped_records", 0) + 1
+            warnings.warn(f"skipping an unreadable record (data.on_bad_record=skip): {e}",
+                          RuntimeWarning, stacklevel=2)
+            return self.task.pad_example()
 
 
 def _plan(data_cfg, task, split, global_batch_size, process_index, process_count, shuffle,

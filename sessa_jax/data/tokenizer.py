@@ -68,6 +68,9 @@ class SentencePieceTokenizer:
     """A SentencePiece ``.model`` file; specials it lacks are appended after its pieces."""
 
     def __init__(self, path: str):
+        if not os.path.isfile(path):  # before the import: a typo is not a missing package
+            raise DataError(f"tokenizer={path!r}: file not found (expected 'bytes' or the path "
+                            "of a SentencePiece .model file)")
         try:
             import sentencepiece as spm  # optional dependency
         except ImportError:
@@ -75,8 +78,6 @@ class SentencePieceTokenizer:
                 f"tokenizer={path!r}: a SentencePiece model needs the 'sentencepiece' package "
                 "(pip install sentencepiece), or use tokenizer='bytes'"
             ) from None
-        if not os.path.isfile(path):
-            raise DataError(f"tokenizer={path!r}: SentencePiece model file not found")
         try:
             self.sp = spm.SentencePieceProcessor(model_file=path)
         except Exception as e:  # sentencepiece raises plain RuntimeError/OSError

@@ -2,13 +2,19 @@
 
 ``--format native`` (default): this package's own layout, read by ``load_pretrained``.
 ``--format hf``: a Hugging Face / PyTorch directory (see :mod:`sessa_jax.export.hf`).
+
+Exit codes (:mod:`sessa_jax.console`): 0 exported, 2 bad arguments or directory, 4 no usable
+checkpoint (unreadable, checksum mismatch, non-finite weights).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
+
+from sessa_jax.console import EXIT_CHECKPOINT, EXIT_CONFIG, fail, one_line_warnings, quiet_logs
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -27,6 +33,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="native: sessa_jax's layout (load_pretrained); hf: Hugging Face / "
                         "PyTorch (AutoModelForCausalLM, trust_remote_code=True)")
     args = p.parse_args(argv)
+    one_line_warnings("sessa-export")
+    quiet_logs()
     if args.format == "hf":
         return _export_hf(args)
 
@@ -36,9 +44,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         s = export_run(args.run, args.out, step=args.step, dtype=args.dtype,
                        max_shard_size=args.max_shard_size)
-    except (ExportError, CheckpointError) as e:
-        print(f"sessa-export: error: {e}", file=sys.stderr)
-        return 2
+    except ExportError as e:
+        return fail("sessa-export", e, EXIT_CONFIG)
+    except CheckpointError as e:
+        return fail("sessa-export", e, EXIT_CHECKPOINT)
     print(f"exported step {s['step']}: {s['n_params']:,} parameters in {s['n_tensors']} tensors, "
           f"{s['total_bytes'] / 1e6:.2f} MB {s['dtype']}, {len(s['files'])} file(s) -> "
           f"{s['out_dir']}")
@@ -53,9 +62,15 @@ def _export_hf(args) -> int:
     try:
         s = export_run_hf(args.run, args.out, step=args.step, dtype=args.dtype,
                           max_shard_size=args.max_shard_size)
-    except (ExportError, CheckpointError) as e:
-        print(f"sessa-export: error: {e}", file=sys.stderr)
-        return 2
+    except ExportError as e:
+        return fail("sessa-export", e, EXIT_CONFIG)
+    except CheckpointError as e:
+        return fail("sessa-export", e, EXIT_CHECKPOINT)
+    from sessa_jax.export.core import make_readable
+
+    for name in os.listdir(s["out_dir"]):  # exports are shared: 0644, as the native format
+        if os.path.isfile(os.path.join(s["out_dir"], name)):
+            make_readable(os.path.join(s["out_dir"], name))
     print(f"exported step {s['step']} for Hugging Face: {s['n_params']:,} parameters in "
           f"{s['n_tensors']} tensors, {s['total_bytes'] / 1e6:.2f} MB {s['dtype']}, "
           f"{len(s['files'])} file(s) -> {s['out_dir']}; load with "

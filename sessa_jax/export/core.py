@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,6 +22,28 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 class ExportError(ValueError):
     """A bad export directory or a mismatch between its tensors and its config."""
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def make_readable(path: str) -> None:
+    """Mode 0644: exports are shared (safetensors writes its files 0600)."""
+    os.chmod(path, 0o644)
+
+
+def check_finite(name: str, a: np.ndarray, where: str) -> None:
+    """Raise ExportError if a floating-point tensor holds NaN/inf."""
+    if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
+        bad = int(a.size - np.count_nonzero(np.isfinite(a.astype(np.float32))))
+        if bad:
+            raise ExportError(f"{where}: tensor {name} holds {bad} non-finite values (NaN/inf); "
+                              "refusing these weights")
 
 
 def parse_size(size) -> int:
@@ -70,6 +93,7 @@ def export_params(params, model_cfg, out_dir: str, *, dtype: str = "fp32",
     tensors = {}
     for name, arr in flatten_params(params).items():
         a = np.asarray(jax.device_get(arr))
+        check_finite(name, a, "export")
         if np.issubdtype(a.dtype, np.floating) or a.dtype == np_dtype:
             a = a.astype(np_dtype)
         tensors[name] = np.array(a, order="C")  # (ascontiguousarray makes 0-d 1-d)
@@ -95,6 +119,7 @@ def export_params(params, model_cfg, out_dir: str, *, dtype: str = "fp32",
     for i, names in enumerate(shards):
         fname = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         save_file({k: tensors[k] for k in names}, os.path.join(out_dir, fname), metadata=meta)
+        make_readable(os.path.join(out_dir, fname))
         files.append(fname)
         weight_map.update({k: fname for k in names})
     total = sum(a.nbytes for a in tensors.values())
@@ -102,15 +127,19 @@ def export_params(params, model_cfg, out_dir: str, *, dtype: str = "fp32",
         with open(os.path.join(out_dir, INDEX_NAME), "w", encoding="utf-8") as f:
             json.dump({"metadata": {"total_size": total, "format": FORMAT},
                        "weight_map": weight_map}, f, indent=1, sort_keys=True)
+        make_readable(os.path.join(out_dir, INDEX_NAME))
 
     model_dict = to_dict(model_cfg)
     if _DTYPES[dtype] != "float32":  # the loaded model holds the parameters in this dtype
         model_dict["param_dtype"] = _DTYPES[dtype]
     config = {"format": FORMAT, "model": model_dict, "export_dtype": _DTYPES[dtype],
-              "n_params": int(sum(a.size for a in tensors.values()))}
+              "n_params": int(sum(a.size for a in tensors.values())),
+              # load_pretrained verifies these: a damaged file is refused, not loaded
+              "sha256": {f: file_sha256(os.path.join(out_dir, f)) for f in files}}
     config.update(extra or {})
     with open(os.path.join(out_dir, CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=1)
+    make_readable(os.path.join(out_dir, CONFIG_NAME))
     return {"files": files, "total_bytes": total, "n_tensors": len(tensors),
             "n_params": config["n_params"], "dtype": _DTYPES[dtype], "out_dir": out_dir}
 
@@ -187,7 +216,8 @@ def load_pretrained(path: str, mesh=None, rules: Optional[Mapping] = None):
     ``mesh``: place each parameter with the NamedSharding its logical axes map to under
     ``rules`` (default: DEFAULT_RULES with the training run's overrides); a dimension the mesh
     axes do not divide is replicated. Without a mesh, parameters go to the default device.
-    Raises ExportError naming every missing, unexpected or misshaped tensor.
+    Raises ExportError naming every missing, unexpected or misshaped tensor, a file whose
+    sha256 differs from config.json's, or a tensor holding NaN/inf.
     """
     from safetensors import safe_open
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -197,6 +227,11 @@ def load_pretrained(path: str, mesh=None, rules: Optional[Mapping] = None):
     from sessa_jax.train.state import abstract_model
 
     model_cfg, raw = read_export_config(path)
+    for fname, want_sha in (raw.get("sha256") or {}).items():  # before parsing any of them
+        fpath = os.path.join(path, fname)
+        if os.path.isfile(fpath) and file_sha256(fpath) != want_sha:
+            raise ExportError(f"{fpath}: sha256 does not match config.json (the file is damaged "
+                              "or was changed after export); export it again")
     files = _tensor_files(path)
     model_def, abstract, logical = abstract_model(model_cfg)
     want = flatten_params(abstract)
@@ -242,6 +277,7 @@ def load_pretrained(path: str, mesh=None, rules: Optional[Mapping] = None):
                 if files.get(k) != fname:
                     continue
                 a = f.get_tensor(k)
+                check_finite(k, a, os.path.join(path, fname))
                 dt = np.dtype(want[k].dtype)
                 if a.dtype != dt:
                     a = a.astype(dt)

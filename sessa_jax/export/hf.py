@@ -75,6 +75,10 @@ def hf_config(cfg: ModelConfig, *, dtype: str = "float32", tokenizer: Optional[d
     """The config.json of an export of a DecoderLM(cfg)."""
     from sessa_jax.train.config import to_dict
 
+    if getattr(cfg, "feedback_qk_norm", False):
+        raise ExportError("model.feedback_qk_norm=True: the Hugging Face modeling file has no "
+                          "q_b/k_b norms, so it would compute another model; export without it")
+
     conf: dict[str, Any] = {
         "model_type": MODEL_TYPE,
         "architectures": ["SessaForCausalLM"],

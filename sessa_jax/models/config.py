@@ -17,7 +17,8 @@ from sessa_jax.ops.attention import ATTENTION_IMPLS, AttentionImpl, check_attent
 
 FeedbackImpl = Literal["dense", "chunked"]
 Family = Literal["sessa", "transformer", "mamba"]
-Remat = Literal["none", "full", "dots"]
+Remat = Literal["none", "full", "dots", "save_feedback"]
+_REMATS = ("none", "full", "dots", "save_feedback")
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -78,12 +79,22 @@ class SessaConfig:
     feedback_impl: FeedbackImpl = "chunked"
     chunk_size: int = 512  # rows per block of the chunked feedback solve (H100: 512 beat 256)
     attention_impl: AttentionImpl = "auto"  # the forward branch's backend (ops/attention.py)
+    # chunked solve: scans the sweep is split into (causal skipping, (1 + 1/n)/2 of the
+    # rectangle) and how each diagonal block is inverted ("solve", "doubling", "blocked")
+    feedback_segments: int = 8
+    feedback_inverse: Literal["solve", "doubling", "blocked"] = "blocked"
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    # Opt-in stabiliser (issue 18): RMSNorm (learned scale, no bias) on q_b and k_b, so the
+    # feedback scores q_b.k_b/sqrt(D) stay bounded. Off: the reference layer, parameters and all.
+    feedback_qk_norm: bool = False
 
     def __post_init__(self):
         _check_heads("", self.d_model, self.n_heads, self.n_kv_heads, self.use_rope)
         _check_attention(self.attention_impl, self.d_model // self.n_heads, self.dtype)
+        if not isinstance(self.feedback_qk_norm, bool):
+            raise ValueError(
+                f"feedback_qk_norm={self.feedback_qk_norm!r}: expected true or false")
         if not (isinstance(self.gamma_max, (int, float)) and 0.0 < self.gamma_max < 1.0):
             raise ValueError(f"gamma_max={self.gamma_max!r}: expected a number in (0, 1)")
         if self.feedback_impl not in ("dense", "chunked"):
@@ -91,6 +102,11 @@ class SessaConfig:
                 f"feedback_impl={self.feedback_impl!r}: expected 'dense' or 'chunked'"
             )
         _check_positive("chunk_size", self.chunk_size)
+        _check_positive("feedback_segments", self.feedback_segments)
+        if self.feedback_inverse not in ("solve", "doubling", "blocked"):
+            raise ValueError(
+                f"feedback_inverse={self.feedback_inverse!r}: expected solve, doubling or blocked"
+            )
         if not self.ln_eps > 0:
             raise ValueError(f"ln_eps={self.ln_eps!r}: expected a positive number")
         _check_dtype("dtype", self.dtype)
@@ -210,6 +226,9 @@ class ModelConfig:
     gamma_max: float = 0.999
     feedback_impl: FeedbackImpl = "chunked"
     chunk_size: int = 512
+    feedback_qk_norm: bool = False  # RMSNorm on q_b/k_b (SessaConfig.feedback_qk_norm)
+    feedback_segments: int = 8
+    feedback_inverse: Literal["solve", "doubling", "blocked"] = "blocked"
     # Mamba-style
     d_state: int = 16
     expand: int = 2
@@ -217,7 +236,13 @@ class ModelConfig:
     scan_impl: Literal["associative", "chunked", "sequential"] = "chunked"
     ssm_chunk_size: int = 16  # the Mamba block's scan chunk (chunk_size is Sessa's)
     # execution
+    # "save_feedback": recompute each block in the backward pass except the feedback solve,
+    # whose named residuals (s, ctx, lse, block inverses) are kept.
     remat: Remat = "none"
+    # Positions per chunk of the training cross-entropy (0: the whole sequence at once). With
+    # a chunk, (B, T, V) float32 logits never exist: each chunk's are made, reduced and
+    # recomputed in the backward pass (one extra LM-head product, B*T*V*4 bytes less).
+    loss_chunk_size: int = 0
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -232,8 +257,12 @@ class ModelConfig:
             raise ValueError(f"mlp_ratio={self.mlp_ratio!r}: expected a number >= 0")
         if not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise ValueError(f"num_classes={self.num_classes!r}: expected an integer >= 0")
-        if self.remat not in ("none", "full", "dots"):
-            raise ValueError(f"remat={self.remat!r}: expected 'none', 'full' or 'dots'")
+        if self.remat not in _REMATS:
+            raise ValueError(f"remat={self.remat!r}: expected one of {', '.join(_REMATS)}")
+        if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 0:
+            raise ValueError(
+                f"loss_chunk_size={self.loss_chunk_size!r}: expected an integer >= 0 (0 = off)"
+            )
         self.block_config()  # validates the family's own fields, naming them
 
     def block_config(self):
@@ -244,7 +273,9 @@ class ModelConfig:
                 use_rope=self.use_rope, rope_base=self.rope_base, gamma_max=self.gamma_max,
                 ln_eps=self.ln_eps, feedback_impl=self.feedback_impl,
                 chunk_size=self.chunk_size, attention_impl=self.attention_impl,
+                feedback_segments=self.feedback_segments, feedback_inverse=self.feedback_inverse,
                 dtype=self.dtype, param_dtype=self.param_dtype,
+                feedback_qk_norm=self.feedback_qk_norm,
             )
         if self.family == "transformer":
             return AttentionConfig(

@@ -67,3 +67,16 @@ def layer_norm(d: int, eps: float, *, dtype: str, param_dtype: str, rngs: nnx.Rn
         bias_init=logical(nnx.initializers.zeros_init(), ("norm",)),
         rngs=rngs,
     )
+
+
+def rms_norm(d: int, eps: float, *, dtype: str, param_dtype: str, rngs: nnx.Rngs):
+    """RMSNorm with a learned scale (init 1) and no bias, statistics in float32."""
+    return nnx.RMSNorm(
+        d,
+        epsilon=eps,
+        dtype=to_dtype(dtype),
+        param_dtype=to_dtype(param_dtype),
+        use_fast_variance=False,
+        scale_init=logical(nnx.initializers.ones_init(), ("norm",)),
+        rngs=rngs,
+    )

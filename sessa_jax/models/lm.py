@@ -22,6 +22,7 @@ from sessa_jax.models.layers import layer_norm, linear, logical
 from sessa_jax.models.mamba import MambaBlock
 from sessa_jax.models.partitioning import constrain
 from sessa_jax.models.sessa import SessaLayer
+from sessa_jax.ops.feedback import RESIDUAL_NAMES as FEEDBACK_RESIDUALS
 
 _MIXERS = {"sessa": SessaLayer, "transformer": AttentionBlock, "mamba": MambaBlock}
 
@@ -30,6 +31,9 @@ _RESIDUAL = ("batch", "length", "act_embed")
 _REMAT_POLICIES = {
     "full": None,  # save nothing inside the block
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep the feedback solve's residuals (s, ctx, lse, block inverses: O(T*(D+C)) a layer)
+    # and recompute the rest of the block: the backward pass never re-runs the solve.
+    "save_feedback": jax.checkpoint_policies.save_only_these_names(*FEEDBACK_RESIDUALS),
 }
 
 
@@ -109,15 +113,70 @@ class DecoderLM(nnx.Module):
             x = constrain(x, _RESIDUAL)
         return self.ln_f(x)
 
-    def logits(self, h):
-        """(..., D) hidden -> (..., V) float32 logits."""
+    def _head(self):
+        """The LM head as (weight in the compute dtype, einsum spec): (D, V) or tied (V, D)."""
+        dt = to_dtype(self.cfg.dtype)
         if self.lm_head is not None:
-            out = self.lm_head(h)
-        else:
-            out = self.embed.attend(h)
+            return self.lm_head.kernel[...].astype(dt), "...d,dv->...v"
+        return self.embed.embedding[...].astype(dt), "...d,vd->...v"
+
+    def logits(self, h):
+        """(..., D) hidden -> (..., V) float32 logits, accumulated in float32 by the product
+        itself (not a compute-dtype product cast afterwards)."""
+        w, spec = self._head()
+        out = _head_logits(spec, h, w)
         if out.ndim == 3:
             out = constrain(out, ("batch", "length", "act_vocab"))
-        return out.astype(jnp.float32)
+        return out
+
+    def token_nll(self, h, targets, *, predict=False):
+        """Per-position cross-entropy without (B, T, V) logits at once.
+
+        h: (B, T, D) hidden (``hidden``'s output); targets: (B, T) int. The sequence is cut
+        into chunks of ``cfg.loss_chunk_size`` positions (0: one chunk); each chunk's
+        logits are made, reduced and dropped inside a ``lax.scan`` whose body is
+        ``jax.checkpoint``-ed, so the backward pass recomputes them chunk by chunk too.
+        predict: False, True, or a traced bool (then argmax runs only when it is true).
+        Returns nll (B, T) float32 and pred (B, T) int32 (the argmax; -1 where not
+        predicted), or None for ``predict=False``.
+        """
+        w, spec = self._head()
+        B, T, _ = h.shape
+        c = self.cfg.loss_chunk_size or T
+        c = min(c, T)
+        want = predict is not False
+
+        def chunk_fn(h_c, t_c, w):
+            logits = constrain(_head_logits(spec, h_c, w), ("batch", "length", "act_vocab"))
+            lse = jax.nn.logsumexp(logits, axis=-1)
+            picked = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
+            nll = lse - picked
+            if not want:
+                return nll, None
+            argmax = lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32)
+            if predict is True:
+                return nll, argmax(logits)
+            pred = jax.lax.cond(
+                predict, argmax, lambda x: jnp.full(x.shape[:-1], -1, jnp.int32), logits
+            )
+            return nll, pred
+
+        if c >= T:
+            return chunk_fn(h, targets, w)
+        n = -(-T // c)
+        if n * c != T:  # pad the tail; padded positions are sliced off
+            h = jnp.pad(h, ((0, 0), (0, n * c - T), (0, 0)))
+            targets = jnp.pad(targets, ((0, 0), (0, n * c - T)))
+        body = jax.checkpoint(chunk_fn)
+
+        def step(_, i):
+            h_c = jax.lax.dynamic_slice_in_dim(h, i * c, c, axis=1)
+            t_c = jax.lax.dynamic_slice_in_dim(targets, i * c, c, axis=1)
+            return None, body(h_c, t_c, w)
+
+        _, (nll, pred) = jax.lax.scan(step, None, jnp.arange(n))
+        unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(B, n * c)[:, :T]  # (n, B, c): small
+        return unchunk(nll), (None if pred is None else unchunk(pred))
 
     def __call__(self, tokens):
         return self.logits(self.hidden(tokens))
@@ -136,13 +195,22 @@ class DecoderLM(nnx.Module):
         """One cache per block; all fixed-size, so decode loops compile once."""
         return [b.init_cache(batch_size, max_len) for b in self.blocks]
 
-    def prefill(self, tokens, cache, lengths: Optional[jax.Array] = None):
-        """Right-padded prompts (B, T) with real lengths (B,) -> (logits (B, T, V), cache)."""
+    def prefill(self, tokens, cache, lengths: Optional[jax.Array] = None, *,
+                last_only: bool = False):
+        """Right-padded prompts (B, T) with real lengths (B,) -> (logits, cache).
+
+        logits: (B, T, V); with ``last_only``, (B, V) at each row's last real position
+        (``lengths - 1``) only, so the LM head runs on B positions instead of B*T.
+        """
         x = self.embed(tokens)
         new = []
         for block, c in zip(self.blocks, cache):
             x, c = block.prefill(x, c, lengths)
             new.append(c)
+        if last_only:
+            B, T = tokens.shape
+            idx = jnp.full((B,), T - 1, jnp.int32) if lengths is None else lengths - 1
+            x = jnp.take_along_axis(x, idx[:, None, None].astype(jnp.int32), axis=1)[:, 0]
         return self.logits(self.ln_f(x)), new
 
     def decode_step(self, token, cache, *, check: bool = True):
@@ -156,6 +224,14 @@ class DecoderLM(nnx.Module):
             x, c = block.decode_step(x, c, check=check)
             new.append(c)
         return self.logits(self.ln_f(x))[:, 0], new
+
+
+def _head_logits(spec, h, w):
+    """h (..., D) @ head weight -> float32 logits; operands in the compute dtype, float32
+    accumulation (``preferred_element_type``)."""
+    if w.dtype == jnp.float64:  # float64 models: as before, a float64 product cast to float32
+        return jnp.einsum(spec, h.astype(w.dtype), w).astype(jnp.float32)
+    return jnp.einsum(spec, h.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
 def count_params(model: nnx.Module) -> int:

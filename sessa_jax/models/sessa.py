@@ -18,7 +18,7 @@ from flax import nnx, struct
 
 from sessa_jax.models.attention import CausalSelfAttention, check_capacity, write_rows
 from sessa_jax.models.config import SessaConfig, to_dtype
-from sessa_jax.models.layers import layer_norm, linear, logical
+from sessa_jax.models.layers import layer_norm, linear, logical, rms_norm
 from sessa_jax.models.partitioning import constrain
 from sessa_jax.ops.feedback import feedback_decode_step, feedback_solve
 
@@ -70,6 +70,12 @@ class SessaMixer(CausalSelfAttention):
                 rngs.params(), (), to_dtype(cfg.param_dtype)
             )
         )
+        if cfg.feedback_qk_norm:  # opt-in stabiliser; off, the layer is the reference's
+            # Scales start at 1 whatever the key: a private Rngs leaves the shared stream (and
+            # so every other parameter's init) exactly as with the norm off.
+            nkw = dict(kw, rngs=nnx.Rngs(0))
+            self.fb_q_norm = rms_norm(D, cfg.ln_eps, **nkw)
+            self.fb_k_norm = rms_norm(D, cfg.ln_eps, **nkw)
 
     def _feedback_inputs(self, a):
         """a (B, T, D) -> q_b, k_b (B, T, D) in the compute dtype, gamma (B, T) float32.
@@ -79,6 +85,8 @@ class SessaMixer(CausalSelfAttention):
         and break the |gamma| < 1 contraction exactly where long memory lives.
         """
         q_b, k_b = jnp.split(self.proj_fb(a), 2, axis=-1)
+        if self.cfg.feedback_qk_norm:
+            q_b, k_b = self.fb_q_norm(q_b), self.fb_k_norm(k_b)
         acc = jnp.float64 if a.dtype == jnp.float64 else jnp.float32
         w = self.gamma_ctx.kernel[...].astype(acc)[:, 0]  # (D,)
         z = self.gamma_bias[...].astype(acc) + jnp.einsum("btd,d->bt", a.astype(acc), w)
@@ -90,8 +98,10 @@ class SessaMixer(CausalSelfAttention):
         f, (k, v) = self.attend(a, return_kv=True)
         f = constrain(f, _ROWS)
         q_b, k_b, gamma = self._feedback_inputs(a)
+        cfg = self.cfg
         s = feedback_solve(
-            q_b, k_b, gamma, f, impl=self.cfg.feedback_impl, chunk_size=self.cfg.chunk_size
+            q_b, k_b, gamma, f, impl=cfg.feedback_impl, chunk_size=cfg.chunk_size,
+            segments=cfg.feedback_segments, inverse=cfg.feedback_inverse,
         )  # s in the compute dtype; the solve's statistics and carries are float32
         return (s, (k, v, k_b)) if return_state else s
 

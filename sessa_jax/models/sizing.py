@@ -47,6 +47,7 @@ def mixer_params(cfg: ModelConfig) -> int:
             + _linear(D, 1, bias=False)  # gamma_ctx
             + 1  # gamma_bias
             + _linear(D, D)  # W_out
+            + (2 * D if bc.feedback_qk_norm else 0)  # RMSNorm scales on q_b, k_b
         )
     if isinstance(bc, AttentionConfig):
         return ln + _attention(bc)

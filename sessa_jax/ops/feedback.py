@@ -8,17 +8,23 @@ Two implementations of one function, :func:`feedback_solve`:
 * ``"dense"`` materialises the (B, T, T) matrix and calls a unit lower-triangular solve.
   O(T^2) memory. It is the reference every other path is tested against; keep it simple.
 * ``"chunked"`` is blocked forward substitution over chunks of C rows with a custom VJP.
-  Pass 1 (no dependence on s) computes every row's softmax log-normaliser, every C x C
-  diagonal block of alpha, and inverts all the blocks (I - diag(gamma_c) A_cc) in one batched
-  triangular solve. Pass 2 is a ``lax.scan`` over chunks that only multiplies: the chunk's
-  scores against visible keys (C x T), its routing weights from the known normaliser, the
-  contribution of already-solved rows as one rectangular product, and the block inverse.
-  The backward pass solves the transposed (anti-causal) system in reverse chunk order with the
-  same block inverses and forms the attention gradients in the same sweep. Saved: s, ctx, the
-  log-normaliser and the block inverses, O(T * (D + C)) memory.
+  ONE sweep (a ``lax.scan`` over chunks) computes each chunk's scores against its visible
+  keys once and gets from them the rows' softmax log-normaliser, the routing weights, the
+  contribution of already-solved rows (one rectangular product) and the chunk's C x C
+  diagonal block, which it inverts in the step (recursive 2 x 2 blocks, the doubling
+  product, or a small triangular solve). The backward pass solves the transposed
+  (anti-causal) system in reverse chunk order with the saved block inverses and forms the
+  attention gradients in the same sweep. Saved: s, ctx, the log-normaliser and the block
+  inverses, O(T * (D + C)) memory (per token: s in f's dtype, ctx and lse in float32, C
+  inverse entries in f's dtype for half precision), each tagged with ``checkpoint_name``
+  (:data:`RESIDUAL_NAMES`) for remat policies.
 
-Precision: matmul operands stay in the input dtype (bf16 allowed); scores, softmax statistics,
-the in-chunk solve and all accumulators are float32 (float64 when the inputs are float64).
+Precision: score products take the input dtype (bf16 allowed) with float32 accumulation;
+softmax statistics, the right-hand-side carries, dgamma and all accumulators are float32
+(float64 when the inputs are float64); s is stored in f's dtype. gamma may be float32 while
+q_b, k_b, f are bf16; dgamma comes back in gamma's dtype. The in-chunk products (block
+inverse times rows) run at full precision for float32/64 inputs and as one bf16 pass with
+float32 accumulation for half-precision inputs (see ``_inner``).
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.scipy.linalg import solve_triangular
 
 Impl = Literal["dense", "chunked"]
+Inverse = Literal["solve", "doubling", "blocked"]
 
 
 def _acc_dtype(dtype):
@@ -39,7 +47,8 @@ def _acc_dtype(dtype):
 
 
 def feedback_solve(
-    q_b, k_b, gamma, f, *, impl: Impl = "chunked", chunk_size: int = 256, segments: int = 4
+    q_b, k_b, gamma, f, *, impl: Impl = "chunked", chunk_size: int = 256, segments: int = 8,
+    inverse: Inverse = "blocked",
 ):
     """Solve the Sessa feedback system.
 
@@ -50,13 +59,16 @@ def feedback_solve(
       impl: "dense" (reference, O(T^2) memory) or "chunked" (O(T*D) memory, custom VJP).
       chunk_size: rows per block for "chunked"; clipped to T.
       segments: scans the chunk sweep is split into (see :func:`feedback_chunked`).
+      inverse: how "chunked" inverts its diagonal blocks: "solve", "doubling" or "blocked".
     Returns:
       s: (B, T, D) in f's dtype.
     """
     if impl == "dense":
         return feedback_dense(q_b, k_b, gamma, f)
     if impl == "chunked":
-        return feedback_chunked(q_b, k_b, gamma, f, chunk_size=chunk_size, segments=segments)
+        return feedback_chunked(
+            q_b, k_b, gamma, f, chunk_size=chunk_size, segments=segments, inverse=inverse
+        )
     raise ValueError(f"feedback impl={impl!r}: expected 'dense' or 'chunked'")
 
 
@@ -132,13 +144,23 @@ def _masked_softmax(scores, mask):
 # Chunked path
 # --------------------------------------------------------------------------------------------
 
+# Names of the solve's residuals (jax.ad_checkpoint.checkpoint_name). A remat policy that saves
+# these (models/lm.py, remat="save_feedback") keeps the solve out of the backward recompute.
+RESIDUAL_NAMES = ("feedback_s", "feedback_ctx", "feedback_lse", "feedback_inv")
 
-def feedback_chunked(q_b, k_b, gamma, f, *, chunk_size: int = 256, segments: int = 4):
+
+def feedback_chunked(
+    q_b, k_b, gamma, f, *, chunk_size: int = 256, segments: int = 8,
+    inverse: Inverse = "blocked",
+):
     """Blocked O(T*D)-memory solve with a custom VJP. Shapes as :func:`feedback_solve`.
 
     ``segments`` splits the chunk sweep into that many scans, each reading only the keys its
     rows can see (a static prefix), so the causal half of the score matrix is mostly skipped:
-    work is (1 + 1/segments)/2 of the full rectangle instead of all of it.
+    work is (1 + 1/segments)/2 of the full rectangle instead of all of it (8: 56%).
+    ``inverse`` picks how each C x C diagonal block is inverted inside the sweep: "solve" (a
+    unit lower-triangular solve against I), "doubling" ((I+N)(I+N^2)(I+N^4)..., matmuls only)
+    or "blocked" (recursive 2 x 2 blocks over 64 x 64 doubling, matmuls only, ~c^3/3 work).
     """
     B, T, D = f.shape
     c = max(1, min(int(chunk_size), T))
@@ -149,121 +171,196 @@ def feedback_chunked(q_b, k_b, gamma, f, *, chunk_size: int = 256, segments: int
         pad3 = ((0, 0), (0, tp - T), (0, 0))
         q_b, k_b, f = (jnp.pad(a, pad3) for a in (q_b, k_b, f))
         gamma = jnp.pad(gamma, ((0, 0), (0, tp - T)))
+    if inverse not in ("solve", "doubling", "blocked"):
+        raise ValueError(
+            f"feedback inverse={inverse!r}: expected 'solve', 'doubling' or 'blocked'"
+        )
     n = tp // c
-    nseg = max(1, min(int(segments), n))
+    # At least two chunks a segment: XLA inlines one-trip loops, and the inlined steps kept
+    # ~3x the temp memory on CPU (jax 0.10.2; T=512, c=64, 8 one-step segments).
+    nseg = max(1, min(int(segments), n // 2))
     edges = tuple(round(n * i / nseg) for i in range(nseg + 1))  # chunk index boundaries
-    s = _chunked_solve(q_b, k_b, gamma, f, c, edges)
+    s = _chunked_solve(q_b, k_b, gamma, f, c, edges, inverse)
     return s[:, :T]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _chunked_solve(q_b, k_b, gamma, f, c, edges):
-    return _chunked_forward(q_b, k_b, gamma, f, c, edges)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked_solve(q_b, k_b, gamma, f, c, edges, inverse):
+    return _chunked_forward(q_b, k_b, gamma, f, c, edges, inverse)[0]
 
 
-def _diag_blocks(q_b, k_b, gamma, c, edges):
-    """Pass 1 (no dependence on s): row statistics and the inverted diagonal blocks.
+def _mm32(spec, a, b, precision=jax.lax.Precision.HIGHEST):
+    """A small float32/64 product, by default at full precision (no TF32 on GPUs)."""
+    return jnp.einsum(spec, a, b, precision=precision)
 
-    For every chunk: its rows' log-normaliser lse over all visible keys, its diagonal block
-    A_cc of alpha, and inv_c = (I - diag(gamma_c) A_cc)^{-1}. The inverses of all chunks come
-    from ONE batched triangular solve, so the sequential sweeps need matmuls only (a solve per
-    scan step was most of the device time on an H100: small cuBLAS trsm launches).
-    Returns lse (B, n, c), a_cc (B, n, c, c), inv (B, n, c, c), all in the accumulator dtype.
+
+def _inner(spec, a, b, mm):
+    """An in-chunk product (block inverse or diagonal block times a chunk of rows).
+
+    With half-precision inputs the operands are rounded to that dtype and accumulated in
+    float32: one bf16 pass instead of six (TPU MXU) or an fp32 GEMM (GPU); s itself is stored
+    in that dtype anyway. With float32/64 inputs: full precision, so the float32 tests hold on
+    GPUs and TPUs too (CPU computes float32 exactly either way).
     """
-    B, tp, D = q_b.shape
-    acc = _acc_dtype(q_b.dtype)
-    scale = 1.0 / math.sqrt(D)
-
-    def make_step(kp):
-        k_seg = k_b[:, :kp]
-        cols = jnp.arange(kp)
-
-        def step(_, i):
-            start = i * c
-            rows = start + jnp.arange(c)
-            q_c = jax.lax.dynamic_slice_in_dim(q_b, start, c, axis=1)
-            scores = jnp.einsum("bcd,btd->bct", q_c, k_seg, preferred_element_type=acc) * scale
-            e, l, lse = _masked_exp(scores, cols[None, :] < rows[:, None])
-            a_cc = jax.lax.dynamic_slice_in_dim(e, start, c, axis=2) / l[..., None]
-            return None, (lse, a_cc)
-
-        return step
-
-    lses, blocks = [], []
-    for a, b in zip(edges[:-1], edges[1:]):
-        _, (lse, a_cc) = jax.lax.scan(make_step(b * c), None, jnp.arange(a, b))
-        lses.append(lse)
-        blocks.append(a_cc)
-    lse = jnp.moveaxis(jnp.concatenate(lses), 0, 1)  # (B, n, c)
-    a_cc = jnp.moveaxis(jnp.concatenate(blocks), 0, 1)  # (B, n, c, c)
-    g = gamma.reshape(B, -1, c).astype(acc)
-    m = jnp.eye(c, dtype=acc) - g[..., None] * a_cc
-    inv = unit_lower_solve(m, jnp.eye(c, dtype=acc))
-    return lse, a_cc, inv
+    if jnp.dtype(mm).itemsize < 4:
+        return jnp.einsum(spec, a.astype(mm), b.astype(mm), preferred_element_type=jnp.float32)
+    return _mm32(spec, a, b)
 
 
-def _mm32(spec, a, b):
-    """A small float32/64 product at full precision (no TF32 on GPUs): the in-chunk algebra."""
-    return jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST)
+def _doubling_inverse(n_blk, precision=jax.lax.Precision.HIGHEST):
+    """(I - N)^{-1} = (I + N)(I + N^2)(I + N^4)... for strictly lower N (..., c, c)."""
+    c = n_blk.shape[-1]
+    levels = math.ceil(math.log2(c)) if c > 1 else 0
+    mm = lambda a, b: _mm32("...ij,...jk->...ik", a, b, precision)
+    # x = I + N + ... + N^(2^m - 1), p = N^(2^m): x <- x + x p and p <- p p share the right
+    # operand p, so each level is ONE product of [p; x] (2c x c) by p (launches, not FLOPs).
+    x = jnp.eye(c, dtype=n_blk.dtype) + n_blk
+    if levels < 2:
+        return x
+    p = mm(n_blk, n_blk)
+    for _ in range(levels - 2):
+        p, xp = jnp.split(mm(jnp.concatenate([p, x], axis=-2), p), 2, axis=-2)
+        x = x + xp
+    return x + mm(x, p)
 
 
-def _chunked_forward(q_b, k_b, gamma, f, c, edges):
-    """Forward substitution, one chunk of c rows per scan step.
+def _diag_blocks(m, size):
+    """The diagonal size x size blocks of m (B, c, c): (B, c // size, size, size)."""
+    B, c, _ = m.shape
+    k = c // size
+    blocks = jnp.diagonal(m.reshape(B, k, size, k, size), axis1=1, axis2=3)  # (B, s, s, k)
+    return jnp.moveaxis(blocks, -1, 1)
 
-    Segment [a, b) of chunks is one ``lax.scan`` whose rows only see keys < b*c.
-    Returns s (B, Tp, D) in f's dtype, and residuals ctx (B, Tp, D), lse (B, Tp) and the
-    inverted diagonal blocks (B, n, c, c) in the accumulator dtype.
+
+def _blocked_inverse(n_blk, base: int = 64, precision=jax.lax.Precision.HIGHEST):
+    """(I - N)^{-1} by recursive 2 x 2 blocks, matmuls only, about c^3 / 3 multiply-adds.
+
+    The base x base diagonal blocks are inverted by doubling (batched); then pairs of
+    inverted blocks A^{-1}, D^{-1} with the block C below A are merged,
+    [[A, 0], [C, D]]^{-1} = [[A^{-1}, 0], [-D^{-1} C A^{-1}, D^{-1}]], doubling the block
+    size each level. c is padded with identity rows to base * 2^k (exact: block diagonal).
+    """
+    B, c, _ = n_blk.shape
+    if c <= base:
+        return _doubling_inverse(n_blk, precision)
+    cp = base * 2 ** math.ceil(math.log2(c / base))
+    m = jnp.eye(c, dtype=n_blk.dtype) - n_blk
+    if cp != c:
+        m = jnp.pad(m, ((0, 0), (0, cp - c), (0, cp - c)))
+        m = m + jnp.diag((jnp.arange(cp) >= c).astype(m.dtype))
+    inv = _doubling_inverse(-_diag_blocks(m - jnp.eye(cp, dtype=m.dtype), base), precision)
+    size = base
+    while size < cp:
+        c_blk = _diag_blocks(m, 2 * size)[:, :, size:, :size]  # (B, k, size, size)
+        a_inv, d_inv = inv[:, 0::2], inv[:, 1::2]
+        low = -_mm32(
+            "bkij,bkjl->bkil", d_inv, _mm32("bkij,bkjl->bkil", c_blk, a_inv, precision), precision
+        )
+        zero = jnp.zeros_like(low)
+        inv = jnp.concatenate(
+            [jnp.concatenate([a_inv, zero], axis=-1), jnp.concatenate([low, d_inv], axis=-1)],
+            axis=-2,
+        )
+        size *= 2
+    return inv[:, 0, :c, :c]
+
+
+def _block_inverse(n_blk, inverse, mm):
+    """(I - N)^{-1} for strictly lower N (B, c, c), in N's (float32/64) dtype.
+
+    The matmul-only variants run at full precision for float32/64 inputs (mm) and at
+    Precision.HIGH for half-precision ones (TF32 on GPUs, three bf16 passes on TPUs): the
+    inverse is rounded to bf16 in ``_inner`` anyway, and HIGH keeps its error below that.
+
+    "solve": one unit lower-triangular solve against I (cuBLAS trsm on GPUs).
+    "doubling": (I + N)(I + N^2)(I + N^4)... with ceil(log2 c) factors (N^c = 0), about
+    2 log2(c) c^3 multiply-adds, matmuls only.
+    "blocked": recursive 2 x 2 block inversion over doubling-inverted 64 x 64 blocks, about
+    c^3 / 3 multiply-adds (c = 512: ~50x fewer than "doubling"), matmuls only.
+    """
+    if inverse == "solve":
+        eye = jnp.eye(n_blk.shape[-1], dtype=n_blk.dtype)
+        return unit_lower_solve(eye - n_blk, jnp.broadcast_to(eye, n_blk.shape))
+    precision = (jax.lax.Precision.HIGH if jnp.dtype(mm).itemsize < 4
+                 else jax.lax.Precision.HIGHEST)
+    if inverse == "doubling":
+        return _doubling_inverse(n_blk, precision)
+    return _blocked_inverse(n_blk, precision=precision)
+
+
+def _chunked_forward(q_b, k_b, gamma, f, c, edges, inverse):
+    """Forward substitution, one chunk of c rows per scan step, ONE pass over the scores.
+
+    Step i computes chunk i's scores against every key it can see (< (i+1)c, inside its
+    segment's prefix) once, and from them: the rows' log-normaliser lse (no values needed),
+    the routing weights alpha, the contribution of already-solved rows (one rectangular
+    product), the diagonal block A_cc and its inverse (I - diag(gamma_c) A_cc)^{-1}.
+    Segment [a, b) of chunks is one ``lax.scan`` whose rows only see keys < b*c; every output
+    is a full-length carry written in place (no stacked (n, B, c, ...) outputs to transpose).
+    Returns s (B, Tp, D) in f's dtype, and residuals ctx (B, Tp, D), lse (B, Tp) in the
+    accumulator dtype and the inverted diagonal blocks (B, n, c, c) (in f's dtype when that is
+    half precision, else the accumulator dtype).
     """
     B, tp, D = f.shape
+    n = tp // c
     acc = _acc_dtype(f.dtype)
+    mm = f.dtype  # matmul operand dtype
     scale = 1.0 / math.sqrt(D)
-    lse_all, a_all, inv_all = _diag_blocks(q_b, k_b, gamma, c, edges)
-    lse_flat = lse_all.reshape(B, tp)
 
     def make_step(kp):
         k_seg = k_b[:, :kp]
         cols = jnp.arange(kp)
 
-        def step(s_buf, i):
+        def step(carry, i):
+            s_buf, ctx, lse, inv = carry
             start = i * c
             rows = start + jnp.arange(c)
             q_c = jax.lax.dynamic_slice_in_dim(q_b, start, c, axis=1)
             f_c = jax.lax.dynamic_slice_in_dim(f, start, c, axis=1).astype(acc)
             g_c = jax.lax.dynamic_slice_in_dim(gamma, start, c, axis=1).astype(acc)
-            lse_c = jax.lax.dynamic_slice_in_dim(lse_flat, start, c, axis=1)
             scores = jnp.einsum("bcd,btd->bct", q_c, k_seg, preferred_element_type=acc) * scale
-            valid = cols[None, :] < rows[:, None]
-            alpha = jnp.where(valid, jnp.exp(scores - lse_c[..., None]), 0.0)
+            e, l, lse_c = _masked_exp(scores, cols[None, :] < rows[:, None])
+            alpha = e / l[..., None]
             # Rows >= start are still zero in s_buf, so this sums over earlier chunks only.
             cross = jnp.einsum(
-                "bct,btd->bcd", alpha.astype(s_buf.dtype), s_buf[:, :kp],
-                preferred_element_type=acc,
+                "bct,btd->bcd", alpha.astype(mm), s_buf[:, :kp], preferred_element_type=acc,
             )
-            a_cc = jax.lax.dynamic_index_in_dim(a_all, i, axis=1, keepdims=False)
-            inv_c = jax.lax.dynamic_index_in_dim(inv_all, i, axis=1, keepdims=False)
-            s_c = _mm32("bij,bjd->bid", inv_c, f_c + g_c[..., None] * cross)
-            ctx_c = cross + _mm32("bij,bjd->bid", a_cc, s_c)
-            s_buf = jax.lax.dynamic_update_slice_in_dim(s_buf, s_c.astype(s_buf.dtype), start, 1)
-            return s_buf, ctx_c
+            a_cc = jax.lax.dynamic_slice_in_dim(alpha, start, c, axis=2)
+            inv_c = _block_inverse(g_c[..., None] * a_cc, inverse, mm)
+            s_c = _inner("bij,bjd->bid", inv_c, f_c + g_c[..., None] * cross, mm)
+            ctx_c = cross + _inner("bij,bjd->bid", a_cc, s_c, mm)
+            s_buf = jax.lax.dynamic_update_slice_in_dim(s_buf, s_c.astype(mm), start, 1)
+            ctx = jax.lax.dynamic_update_slice_in_dim(ctx, ctx_c, start, 1)
+            lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_c, start, 1)
+            inv = jax.lax.dynamic_update_index_in_dim(inv, inv_c.astype(inv.dtype), i, 1)
+            return (s_buf, ctx, lse, inv), None
 
         return step
 
-    s = jnp.zeros_like(f)
-    ctxs = []
+    # The inverses are only ever used through _inner, which rounds them to a half-precision
+    # mm anyway: keep them in that dtype then (half the residual bytes, same numbers).
+    inv_dtype = mm if jnp.dtype(mm).itemsize < 4 else acc
+    carry = (
+        jnp.zeros_like(f), jnp.zeros((B, tp, D), acc), jnp.zeros((B, tp), acc),
+        jnp.zeros((B, n, c, c), inv_dtype),
+    )
     for a, b in zip(edges[:-1], edges[1:]):
-        s, ctx = jax.lax.scan(make_step(b * c), s, jnp.arange(a, b))
-        ctxs.append(ctx)
-    # scan stacks per-chunk outputs as (n, B, c, ...): back to (B, Tp, ...)
-    ctx = jnp.moveaxis(jnp.concatenate(ctxs), 0, 1).reshape(B, tp, D)
-    return s, ctx, lse_flat, inv_all
+        carry, _ = jax.lax.scan(make_step(b * c), carry, jnp.arange(a, b))
+    return carry
 
 
-def _chunked_fwd(q_b, k_b, gamma, f, c, edges):
-    s, ctx, lse, inv = _chunked_forward(q_b, k_b, gamma, f, c, edges)
+def _chunked_fwd(q_b, k_b, gamma, f, c, edges, inverse):
+    s, ctx, lse, inv = _chunked_forward(q_b, k_b, gamma, f, c, edges, inverse)
+    # Named so that a remat policy (save_only_these_names(*RESIDUAL_NAMES)) can keep them.
+    # The primal output is the named s itself: the layer's own use of s (after the solve)
+    # then needs no recompute either, and s is kept once.
+    s, ctx, lse, inv = (
+        checkpoint_name(x, name) for x, name in zip((s, ctx, lse, inv), RESIDUAL_NAMES)
+    )
     return s, (q_b, k_b, gamma, s, ctx, lse, inv)
 
 
-def _chunked_bwd(c, edges, res, g_s):
+def _chunked_bwd(c, edges, inverse, res, g_s):
     """Reverse sweep over chunks.
 
     With M = I - diag(gamma) alpha and G = dL/ds:
@@ -274,7 +371,9 @@ def _chunked_bwd(c, edges, res, g_s):
     Step i handles key/column chunk i: once df is known for rows >= i*c, every row that reads
     chunk i is known, so dk_b for the chunk is final and its dq_b contribution is pushed out.
     Segment [a, b) only touches query rows >= a*c, the rows that can read its keys.
+    df, dk_b and dgamma are full-length carries written in place.
     """
+    del inverse
     q_b, k_b, gamma, s, ctx, lse, inv_all = res
     f_dtype = s.dtype  # s is returned in f's dtype
     B, tp, D = s.shape
@@ -288,7 +387,8 @@ def _chunked_bwd(c, edges, res, g_s):
         rows = r0 + jnp.arange(tp - r0)
 
         def step(carry, i):
-            d_o, delta, dq = carry  # (B,Tp-r0,D) mm, (B,Tp-r0) acc, (B,Tp-r0,D) acc
+            # d_o, delta, dq: rows >= r0 only; df, dk, dgamma: full length
+            (d_o, delta, dq), (df, dk, dgamma) = carry
             start = i * c
             cols_j = start + jnp.arange(c)
             k_c = jax.lax.dynamic_slice_in_dim(k_b, start, c, axis=1)
@@ -306,7 +406,7 @@ def _chunked_bwd(c, edges, res, g_s):
             )
             local = start - r0
             inv_c = jax.lax.dynamic_index_in_dim(inv_all, i, axis=1, keepdims=False)
-            df_c = _mm32("bji,bjd->bid", inv_c, rhs)  # (I - diag(g) A_cc)^{-T} rhs
+            df_c = _inner("bji,bjd->bid", inv_c, rhs, mm)  # (I - diag(g) A_cc)^{-T} rhs
             do_c = g_c[..., None] * df_c
             d_o = jax.lax.dynamic_update_slice_in_dim(d_o, do_c.astype(mm), local, 1)
             delta = jax.lax.dynamic_update_slice_in_dim(
@@ -316,36 +416,31 @@ def _chunked_bwd(c, edges, res, g_s):
             ds_t = (alpha_t * (dp - delta[:, None, :])).astype(mm)  # dscore^T block
             dk_c = jnp.einsum("bjt,btd->bjd", ds_t, q_seg, preferred_element_type=acc) * scale
             dq = dq + jnp.einsum("bjt,bjd->btd", ds_t, k_c, preferred_element_type=acc) * scale
-            dgamma_c = jnp.sum(df_c * ctx_c, axis=-1)
-            return (d_o, delta, dq), (df_c, dk_c, dgamma_c)
+            df = jax.lax.dynamic_update_slice_in_dim(df, df_c.astype(f_dtype), start, 1)
+            dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_c.astype(k_b.dtype), start, 1)
+            dgamma = jax.lax.dynamic_update_slice_in_dim(
+                dgamma, jnp.sum(df_c * ctx_c, axis=-1).astype(gamma.dtype), start, 1
+            )
+            return ((d_o, delta, dq), (df, dk, dgamma)), None
 
         return step
 
     d_o = jnp.zeros((B, tp, D), mm)
     delta = jnp.zeros((B, tp), acc)
     dq = jnp.zeros((B, tp, D), acc)
-    outs = []
+    outs = (jnp.zeros((B, tp, D), f_dtype), jnp.zeros((B, tp, D), k_b.dtype),
+            jnp.zeros((B, tp), gamma.dtype))
     for a, b in reversed(list(zip(edges[:-1], edges[1:]))):
         r0 = a * c
-        carry = (d_o[:, r0:], delta[:, r0:], dq[:, r0:])
-        (d_o_seg, delta_seg, dq_seg), out = jax.lax.scan(
+        carry = ((d_o[:, r0:], delta[:, r0:], dq[:, r0:]), outs)
+        ((d_o_seg, delta_seg, dq_seg), outs), _ = jax.lax.scan(
             make_step(r0), carry, jnp.arange(a, b), reverse=True
         )
         d_o = d_o.at[:, r0:].set(d_o_seg)
         delta = delta.at[:, r0:].set(delta_seg)
         dq = dq.at[:, r0:].set(dq_seg)
-        outs.insert(0, out)
-    df, dk, dgamma = (jnp.concatenate(parts) for parts in zip(*outs))
-
-    def unchunk(x):  # (n, B, c, ...) -> (B, Tp, ...)
-        return jnp.moveaxis(x, 0, 1).reshape((B, tp) + x.shape[3:])
-
-    return (
-        dq.astype(q_b.dtype),
-        unchunk(dk).astype(k_b.dtype),
-        unchunk(dgamma).astype(gamma.dtype),
-        unchunk(df).astype(f_dtype),
-    )
+    df, dk, dgamma = outs
+    return dq.astype(q_b.dtype), dk, dgamma, df
 
 
 _chunked_solve.defvjp(_chunked_fwd, _chunked_bwd)
@@ -366,5 +461,8 @@ def feedback_decode_step(q_t, k_cache, s_cache, gamma_t, f_t, pos):
     L, D = k_cache.shape[1], k_cache.shape[2]
     scores = jnp.einsum("bd,bld->bl", q_t, k_cache, preferred_element_type=acc) / math.sqrt(D)
     alpha, _ = _masked_softmax(scores, jnp.arange(L)[None, :] < pos[:, None])
-    ctx = jnp.einsum("bl,bld->bd", alpha, s_cache.astype(acc))
+    # Accumulate in float32 inside the product instead of casting the whole (B, L, D) cache.
+    ctx = jnp.einsum(
+        "bl,bld->bd", alpha.astype(s_cache.dtype), s_cache, preferred_element_type=acc
+    )
     return (f_t.astype(acc) + gamma_t.astype(acc)[:, None] * ctx).astype(f_t.dtype)

@@ -6,19 +6,26 @@ Data flows one way: config -> data + model -> step -> checkpoint/metrics.
     cfg = load_config("configs/quickstart.yaml", ["run.steps=100"])
     result = train(cfg)                       # RunResult(summary, stopped_by)
     model, cfg, step = load_model(cfg.run.output_dir)
+
+Names are imported lazily, so ``sessa-train`` can install its signal handlers before JAX,
+Orbax and Grain load (a few seconds in which SIGTERM would otherwise kill it silently).
 """
 
-from sessa_jax.train.checkpoint import CheckpointError, Checkpointer, load_model
-from sessa_jax.train.config import (
-    CheckpointConfig, ConfigError, MeshConfig, OptimizerConfig, RunConfig, TrainConfig,
-    from_dict, load_config, save_config,
-)
-from sessa_jax.train.loop import NonFiniteError, RunResult, evaluate_checkpoint, train
-from sessa_jax.train.metrics import flops_per_token, peak_flops
+import importlib
 
-__all__ = [
-    "CheckpointConfig", "CheckpointError", "Checkpointer", "ConfigError", "MeshConfig",
-    "NonFiniteError", "OptimizerConfig", "RunConfig", "RunResult", "TrainConfig",
-    "evaluate_checkpoint", "flops_per_token", "from_dict", "load_config", "load_model",
-    "peak_flops", "save_config", "train",
-]
+_WHERE = {
+    "CheckpointError": "checkpoint", "Checkpointer": "checkpoint", "load_model": "checkpoint",
+    "CheckpointConfig": "config", "ConfigError": "config", "MeshConfig": "config",
+    "OptimizerConfig": "config", "RunConfig": "config", "TrainConfig": "config",
+    "from_dict": "config", "load_config": "config", "save_config": "config",
+    "NonFiniteError": "loop", "RunResult": "loop", "evaluate_checkpoint": "loop",
+    "train": "loop", "flops_per_token": "metrics", "peak_flops": "metrics",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"sessa_jax.train.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'sessa_jax.train' has no attribute {name!r}")

@@ -7,24 +7,32 @@ last ``keep_last`` checkpoints plus the best one by ``keep_best_metric``.
 
 Restores read into the *current* mesh: the target is the abstract state (``jax.eval_shape``)
 carrying the NamedShardings of this run, so a run saved on 8 devices resumes on 1 and back.
-A step that fails to restore (missing files, garbage) is reported with a warning, moved aside
-to ``<run_dir>/corrupt_checkpoints/`` and the previous step is used.
+Integrity: ``meta`` records a digest of every array of the state (:mod:`.integrity`) and a
+sha256 of itself; every restore recomputes and compares them. A step that fails to restore
+(missing files, garbage) or whose arrays do not match their digests is reported with one warning
+line naming the step and the array, moved aside to ``<run_dir>/corrupt_checkpoints/`` (read-only
+readers leave it in place) and the previous step is used. An explicitly requested step that is
+damaged raises :class:`CheckpointError` instead. Weights holding NaN/inf are refused by the
+read-only readers (``load_model``, ``sessa-eval``, ``sessa-export``) and skipped by a resume.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
-import sys
 import time
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
+from sessa_jax.console import drop_async_noise
+from sessa_jax.train import integrity
 from sessa_jax.train.config import CheckpointConfig, TrainConfig, from_dict, to_dict
 
 log = logging.getLogger(__name__)
@@ -40,10 +48,15 @@ def checkpoint_dir(run_dir: str) -> str:
     return os.path.join(os.path.abspath(run_dir), "checkpoints")
 
 
-def make_meta(cfg: TrainConfig, step: int) -> dict:
-    """JSON metadata stored beside the state."""
+def _meta_digest(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def make_meta(cfg: TrainConfig, step: int, checksums: Optional[dict] = None) -> dict:
+    """JSON metadata stored beside the state (``checksums``: array path -> digest)."""
     import flax
-    return {
+    meta = {
         "format": FORMAT,
         "step": int(step),
         "config": to_dict(cfg),
@@ -52,23 +65,61 @@ def make_meta(cfg: TrainConfig, step: int) -> dict:
         "versions": {"jax": jax.__version__, "flax": flax.__version__,
                      "orbax": getattr(ocp, "__version__", "?")},
     }
+    if checksums is not None:
+        meta["checksums"] = {"algorithm": integrity.ALGORITHM, "arrays": checksums}
+    meta["meta_sha256"] = _meta_digest(meta)
+    return meta
 
 
-def _drop_closed_loop_noise() -> None:
-    """After a failed Orbax read, tensorstore callbacks still queued for its (closed) event
-    loop raise 'Event loop is closed' as unraisable exceptions, one traceback each. Drop those,
-    and only those, for the rest of the process."""
-    prev = sys.unraisablehook
-    if getattr(prev, "_sessa_filter", False):
-        return
+class _Damaged(Exception):
+    """A checkpoint step that restored but failed verification; the message names the array."""
 
-    def hook(u):
-        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
-            return
-        prev(u)
 
-    hook._sessa_filter = True
-    sys.unraisablehook = hook
+def verify_meta(meta) -> None:
+    """Raise _Damaged when meta's own sha256 (if recorded) does not match its content."""
+    if isinstance(meta, dict) and "meta_sha256" in meta:
+        if meta["meta_sha256"] != _meta_digest(meta):
+            raise _Damaged("its metadata (meta/metadata) does not match its sha256")
+
+
+def verify_arrays(meta: dict, tree, *, nonfinite: str = "refuse") -> None:
+    """Recompute the digests of ``tree`` (a restored state or {'params': ...}) and compare with
+    those saved in ``meta``; raise _Damaged naming the first bad array. Old checkpoints without
+    digests are only checked for non-finite values: ``nonfinite`` 'refuse' raises
+    NonFiniteWeights, 'skip' raises _Damaged (fall back to an older step)."""
+    sums, bad = integrity.digests(tree)
+    saved = (meta.get("checksums") or {}) if isinstance(meta, dict) else {}
+    if saved:
+        if saved.get("algorithm") != integrity.ALGORITHM:
+            raise _Damaged(f"its checksums use {saved.get('algorithm')!r}, this version checks "
+                           f"{integrity.ALGORITHM!r}")
+        wrong = integrity.compare(saved.get("arrays", {}), sums)
+        if wrong:
+            more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+            raise _Damaged(f"array {wrong[0]} does not match its checksum{more}")
+    if bad:
+        name = next(iter(bad))
+        msg = (f"array {name} holds {bad[name]} non-finite values (NaN/inf)"
+               + (f" (and {len(bad) - 1} more arrays)" if len(bad) > 1 else ""))
+        raise (NonFiniteWeights if nonfinite == "refuse" else _Damaged)(msg)
+
+
+class NonFiniteWeights(Exception):
+    """Restored weights hold NaN/inf (saved that way: the checksum matched)."""
+
+
+_OBJECT_REPR = re.compile(r"<[^<>]*(?:object at|bound method|pybind11|function )[^<>]*>")
+
+
+def _why(e: BaseException) -> str:
+    """One short line for an exception raised deep in Orbax/tensorstore."""
+    if isinstance(e, (_Damaged, FileNotFoundError)):
+        return str(e)
+    # tensorstore appends '... See full TensorStore details: <bound method pybind11_...': drop it
+    text = re.split(r"\.?\s*See full TensorStore details|<bound method|<built-in", str(e))[0]
+    text = _OBJECT_REPR.sub("...", text.strip())
+    first = text.splitlines()[0][:200] if text else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def _warn(msg: str) -> None:
@@ -92,6 +143,17 @@ class Checkpointer:
         self.manager = self._make_manager()
 
     def _make_manager(self) -> ocp.CheckpointManager:
+        # A read-only manager logs absl WARNINGs about being read-only: expected, not news.
+        absl_log = logging.getLogger("absl")
+        level = absl_log.level
+        if self.read_only:
+            absl_log.setLevel(logging.ERROR)
+        try:
+            return self._new_manager()
+        finally:
+            absl_log.setLevel(level)
+
+    def _new_manager(self) -> ocp.CheckpointManager:
         c = self.cfg
         policies = [ocp.checkpoint_managers.LatestN(n=c.keep_last)]
         best = {}
@@ -126,8 +188,9 @@ class Checkpointer:
             return False
         if metrics is not None and self.cfg.keep_best_metric not in metrics:
             metrics = None
+        sums, _ = integrity.digests(state)  # of the exact bits handed to Orbax
         args = ocp.args.Composite(state=ocp.args.PyTreeSave(state),
-                                  meta=ocp.args.JsonSave(make_meta(cfg, step)))
+                                  meta=ocp.args.JsonSave(make_meta(cfg, step, sums)))
         absl_log = logging.getLogger("absl")
         level = absl_log.level
         if metrics is None:  # e.g. a save on SIGTERM: Orbax would warn that metrics are missing
@@ -196,7 +259,15 @@ class Checkpointer:
                 return rel
         return None
 
-    def _restore_with_fallback(self, step: Optional[int], make_args):
+    def _restore_with_fallback(self, step: Optional[int], make_args,
+                               check: Optional[Callable] = None, *,
+                               nonfinite: str = "refuse"):
+        """Restore the newest usable step (or exactly ``step``) -> (step, restored Composite).
+
+        ``check(meta, restored)`` returns the tree whose digests to verify. Unreadable or
+        mismatching steps fall back to the previous one; non-finite weights raise
+        CheckpointError at once (``nonfinite='refuse'``) or fall back too ('skip').
+        """
         last_err = None
         for s in self._candidates(step):
             if s in self._bad:
@@ -205,10 +276,18 @@ class Checkpointer:
                 missing = self._missing(s)
                 if missing:
                     raise FileNotFoundError(f"{missing} is missing")
-                return s, self.manager.restore(s, args=make_args(s))
+                out = self.manager.restore(s, args=make_args(s))
+                verify_meta(out.meta)
+                if check is not None:
+                    verify_arrays(out.meta, check(out), nonfinite=nonfinite)
+                return s, out
+            except NonFiniteWeights as e:
+                raise CheckpointError(
+                    f"{self.directory}/{s}: {e}; refusing these weights (train from an earlier "
+                    "step or pick another --step)") from None
             except Exception as e:  # orbax raises many kinds for missing/garbled files
-                _drop_closed_loop_noise()
-                why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                drop_async_noise()
+                why = _why(e)
                 if step is not None:
                     raise CheckpointError(
                         f"{self.directory}/{s}: checkpoint is unreadable ({why})") from None
@@ -221,7 +300,10 @@ class Checkpointer:
         raise CheckpointError(f"{self.directory}: no readable checkpoint (last error: {last_err})")
 
     def restore(self, abstract_state, step: Optional[int] = None):
-        """-> (state placed by the shardings in ``abstract_state``, meta dict, step)."""
+        """-> (state placed by the shardings in ``abstract_state``, meta dict, step).
+
+        For resuming: a step whose parameters are non-finite is skipped like a damaged one.
+        """
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
 
         def args(_):
@@ -230,11 +312,14 @@ class Checkpointer:
                 meta=ocp.args.JsonRestore(),
             )
 
-        s, out = self._restore_with_fallback(step, args)
+        s, out = self._restore_with_fallback(step, args, lambda o: o.state, nonfinite="skip")
         return out.state, out.meta, s
 
     def restore_params(self, abstract_params, step: Optional[int] = None):
-        """Only the parameters (no optimizer state read) -> (params, meta, step)."""
+        """Only the parameters (no optimizer state read) -> (params, meta, step).
+
+        Non-finite parameters raise CheckpointError (nobody wants to evaluate or export them).
+        """
         item = {"params": abstract_params}
         restore_args = ocp.checkpoint_utils.construct_restore_args(item)
 
@@ -245,7 +330,7 @@ class Checkpointer:
                 meta=ocp.args.JsonRestore(),
             )
 
-        s, out = self._restore_with_fallback(step, args)
+        s, out = self._restore_with_fallback(step, args, lambda o: {"params": o.state["params"]})
         return out.state["params"], out.meta, s
 
     def read_meta(self, step: Optional[int] = None) -> tuple[dict, int]:

@@ -1,77 +1,103 @@
 """Command lines: ``sessa-train`` and ``sessa-eval`` (also ``python -m sessa_jax.train``).
 
-    sessa-train --config configs/quickstart.yaml [key.sub=value ...]
+    sessa-train --config configs/quickstart.yaml [--check] [key.sub=value ...]
     sessa-eval --run runs/quickstart [--step N] [--split valid|test] [data.seq_len=256 ...]
 
-User mistakes (config, data files, checkpoints) print one line to stderr and exit 2. A run
-stopped by too many non-finite steps exits 1; SIGTERM exits 0 after saving, SIGINT 130.
+Expected failures print one line to stderr; exit codes are those of :mod:`sessa_jax.console`
+(0 ok, 1 diverged, 2 config, 3 data, 4 checkpoint/weights, 130 SIGINT, 143 SIGTERM).
+Module-level imports stay light: signal handlers go in before JAX/Orbax/Grain load.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-import warnings
 from typing import Optional, Sequence
 
-from sessa_jax.data import DataError
-from sessa_jax.train.checkpoint import CheckpointError
-from sessa_jax.train.config import ConfigError, dump_yaml, load_config
-
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
-
-
-def _fail(prog: str, e: BaseException, code: int = 2) -> int:
-    msg = " ".join(str(e).split("\n")).strip() or type(e).__name__
-    print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
-    return code
+from sessa_jax.console import (
+    EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_DIVERGED, early_signals, fail,
+    one_line_warnings, quiet_logs, restore_signals,
+)
 
 
-def _one_line_warnings(prog: str) -> None:
-    """Warnings (e.g. a corrupted checkpoint skipped) as 'prog: warning: ...' lines."""
-    warnings.formatwarning = lambda message, *args, **kwargs: f"{prog}: warning: {message}\n"
+def _user_errors(prog: str, e: BaseException) -> Optional[int]:
+    """The exit code of an expected failure (printing its line), or None for anything else."""
+    from sessa_jax.data import DataError
+    from sessa_jax.train.checkpoint import CheckpointError
+    from sessa_jax.train.config import ConfigError
 
-
-def _quiet_logs(level: int = logging.WARNING) -> None:
-    # absl/orbax log INFO lines on every save; keep the terminal to our progress lines.
-    for name in ("absl", "orbax", "jax._src.distributed"):
-        logging.getLogger(name).setLevel(level)
+    for kind, code in ((ConfigError, EXIT_CONFIG), (DataError, EXIT_DATA),
+                       (CheckpointError, EXIT_CHECKPOINT)):
+        if isinstance(e, kind):
+            return fail(prog, e, code)
+    return None
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
+    prev = early_signals("sessa-train")
+    try:
+        return _train_main(argv)
+    finally:
+        restore_signals(prev)
+
+
+def eval_main(argv: Optional[Sequence[str]] = None) -> int:
+    prev = early_signals("sessa-eval")
+    try:
+        return _eval_main(argv)
+    finally:
+        restore_signals(prev)
+
+
+def _train_main(argv) -> int:
     p = argparse.ArgumentParser(
         prog="sessa-train",
         description="Train a Sessa / Transformer / Mamba decoder on a task or text.",
         epilog="Overrides: key.sub=value, values parsed as YAML, e.g. run.steps=500 "
-               "optimizer.lr=1e-3 model=configs/models/sessa-tiny.yaml",
+               "optimizer.lr=1e-3 model=configs/models/sessa-tiny.yaml. Exit codes: 0 done, "
+               "1 diverged, 2 config error, 3 data error, 4 checkpoint error, 130/143 "
+               "interrupted (after saving).",
     )
-    p.add_argument("--config", help="YAML config file (default: all defaults)")
+    p.add_argument("--config", help="YAML config file, e.g. configs/quickstart.yaml")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config and exit")
+    p.add_argument("--check", action="store_true",
+                   help="check the config, mesh and data, then exit without writing anything")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_intermixed_args(argv)
-    _one_line_warnings("sessa-train")
+    one_line_warnings("sessa-train")
+    if not args.config:
+        print("sessa-train: error: no --config given: pass a YAML config, e.g. "
+              "sessa-train --config configs/quickstart.yaml (a one-minute CPU run), or one of "
+              "configs/tasks/*.yaml", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     try:
+        from sessa_jax.train.config import dump_yaml, load_config
         from sessa_jax.train.mesh import maybe_initialize_distributed
         maybe_initialize_distributed()
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0
-        _quiet_logs()
-        from sessa_jax.train.loop import NonFiniteError, train
+        quiet_logs()
+        from sessa_jax.train.loop import NonFiniteError, preflight, train
+        if args.check:
+            print(preflight(cfg).describe())
+            return 0
         try:
             result = train(cfg)
         except NonFiniteError as e:
-            return _fail("sessa-train", e, 1)
+            return fail("sessa-train", e, EXIT_DIVERGED)
         return result.exit_code
-    except USER_ERRORS as e:
-        return _fail("sessa-train", e)
+    except Exception as e:
+        code = _user_errors("sessa-train", e)
+        if code is None:
+            raise
+        return code
 
 
-def eval_main(argv: Optional[Sequence[str]] = None) -> int:
+def _eval_main(argv) -> int:
     p = argparse.ArgumentParser(
         prog="sessa-eval",
         description="Evaluate a checkpoint of a training run (optionally at another length).",
@@ -82,19 +108,22 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="e.g. data.seq_len=1024 run.eval_batches=10")
     args = p.parse_intermixed_args(argv)
-    _one_line_warnings("sessa-eval")
+    one_line_warnings("sessa-eval")
     try:
         from sessa_jax.train.mesh import maybe_initialize_distributed
         maybe_initialize_distributed()
-        _quiet_logs(level=logging.ERROR)  # read-only Orbax managers warn about being read-only
+        quiet_logs()  # read-only Orbax managers warn about being read-only
         from sessa_jax.train.loop import evaluate_checkpoint
         import jax
         result = evaluate_checkpoint(args.run, args.step, args.overrides, args.split)
         if jax.process_index() == 0:
             print(json.dumps(result))
         return 0
-    except USER_ERRORS as e:
-        return _fail("sessa-eval", e)
+    except Exception as e:
+        code = _user_errors("sessa-eval", e)
+        if code is None:
+            raise
+        return code
 
 
 if __name__ == "__main__":

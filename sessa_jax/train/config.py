@@ -55,7 +55,10 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite int or float (not a bool): NaN and inf are never valid settings."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return isinstance(v, int) or math.isfinite(v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +82,7 @@ class OptimizerConfig:
 
     def __post_init__(self):
         p = "optimizer"
-        # lr is allowed to be inf/nan on purpose: it exercises the non-finite guard.
-        _check(_is_num(self.lr) and not self.lr <= 0, f"{p}.lr", self.lr, "a number > 0")
+        _check(_is_num(self.lr) and self.lr > 0, f"{p}.lr", self.lr, "a finite number > 0")
         _check(_is_int(self.warmup_steps) and self.warmup_steps >= 0, f"{p}.warmup_steps",
                self.warmup_steps, "an integer >= 0")
         _check(_is_num(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, f"{p}.min_lr_ratio",
@@ -195,6 +197,8 @@ class RunConfig:
     .param_dtype, e.g. bfloat16 compute with float32 parameters. ``eval_every`` 0: eval only at
     the end; ``eval_batches`` 0: the whole ``data.num_eval_examples``. The loop stops with an
     error after ``max_nonfinite_in_a_row`` skipped (non-finite) updates in a row.
+    ``stability_stats``: on logging steps, also log each Sessa layer's feedback statistics
+    (``stability/layer<i>/...`` in metrics.jsonl; see sessa_jax/train/stability.py).
     """
 
     output_dir: str = "runs/default"
@@ -208,9 +212,12 @@ class RunConfig:
     compute_dtype: Optional[str] = None
     param_dtype: Optional[str] = None
     tensorboard: bool = True
+    stability_stats: bool = False
 
     def __post_init__(self):
         p = "run"
+        _check(isinstance(self.stability_stats, bool), f"{p}.stability_stats",
+               self.stability_stats, "true or false")
         _check(isinstance(self.output_dir, str) and bool(self.output_dir), f"{p}.output_dir",
                self.output_dir, "a non-empty path")
         for f, lo in (("steps", 1), ("global_batch_size", 1), ("seed", 0), ("log_every", 1),
@@ -268,8 +275,13 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _bad_type(key: str, tp, value):
-    return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return ConfigError(f"{key}: expected {_type_name(tp)}, got {_short(value)}")
 
 
 def _coerce(value, tp, key: str):
@@ -313,6 +325,8 @@ def _coerce(value, tp, key: str):
         num = _as_float(value)
         if num is None:
             raise _bad_type(key, tp, value)
+        if not math.isfinite(num):  # '.nan', 'inf', 1e999: never a meaningful setting
+            raise ConfigError(f"{key}: expected a finite number, got {_short(value)}")
         return num
     if tp is str:
         if isinstance(value, str):
@@ -334,8 +348,11 @@ def _coerce(value, tp, key: str):
 
 
 def _as_float(value) -> Optional[float]:
-    if _is_num(value):
-        return float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float range
+            return math.inf
     if isinstance(value, str):
         try:
             return float(value.strip())
@@ -399,6 +416,8 @@ def to_dict(obj) -> Any:
 
 
 def read_yaml(path: str, what: str = "config") -> dict:
+    """A YAML mapping from ``path``; an empty file is an error (it would mean 'all defaults',
+    which silently trains a run nobody asked for)."""
     if not os.path.isfile(path):
         raise ConfigError(f"{what} file {path!r} not found")
     try:
@@ -408,9 +427,15 @@ def read_yaml(path: str, what: str = "config") -> dict:
         why = str(e).replace("\n", " ")
         raise ConfigError(f"{what} file {path!r} is not valid YAML: {why}") from None
     if raw is None:
-        return {}
+        raise ConfigError(f"{what} file {path!r} is empty: expected a mapping of "
+                          + ("model, data, optimizer, mesh, checkpoint, run settings"
+                             if what == "config" else "settings"))
     if not isinstance(raw, dict):
-        raise ConfigError(f"{what} file {path!r}: expected a mapping at the top level")
+        raise ConfigError(f"{what} file {path!r}: expected a mapping at the top level, got "
+                          f"{type(raw).__name__}")
+    if any(not isinstance(k, str) for k in raw):
+        bad = next(k for k in raw if not isinstance(k, str))
+        raise ConfigError(f"{what} file {path!r}: key {bad!r} is not a string")
     return raw
 
 
@@ -537,7 +562,7 @@ def replace(cfg, **changes):
 
 
 # Fields that must match for a run directory to be resumed (performance knobs may differ).
-_DATA_FREE = ("num_threads", "prefetch")
+_DATA_FREE = ("num_threads", "prefetch", "on_bad_record")
 
 
 def check_resume_compatible(saved: TrainConfig, new: TrainConfig) -> None:

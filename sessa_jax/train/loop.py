@@ -7,8 +7,12 @@ in ``run.output_dir``), then runs ``run.steps`` steps. Metrics of step k are rea
 after step k+1 is dispatched, so the host never stalls the device except on log/eval/save steps.
 
 SIGTERM/SIGINT: the current step finishes, a checkpoint is written and waited for, and ``train``
-returns with ``stopped_by`` set (the CLI exits 0 for SIGTERM, 130 for SIGINT). A second SIGINT
+returns with ``stopped_by`` set (the CLI exits 143 for SIGTERM, 130 for SIGINT). A second SIGINT
 interrupts at once.
+
+Nothing is written before the config, mesh and data checks pass (:func:`preflight`). An
+exception inside the loop (a data error, a diverged run, anything else) first saves a
+checkpoint of the last completed step, when its state is intact, then propagates.
 
 ``SESSA_DEBUG_STEP_SLEEP`` (seconds, environment) sleeps after every step: a test hook that
 makes tiny runs slow enough to be interrupted at a chosen point.
@@ -44,8 +48,10 @@ from sessa_jax.train.metrics import (
 from sessa_jax.train.state import (
     Setup, abstract_with_shardings, init_state, make_setup,
 )
+from sessa_jax.train.stability import make_stats_step
 from sessa_jax.train.step import (
-    make_eval_step, make_train_step, step_batch, summarize_eval, token_byte_lengths,
+    logged_step, make_eval_step, make_train_step, step_batch, summarize_eval,
+    token_byte_lengths,
 )
 
 def chance_accuracy(data_cfg) -> Optional[float]:
@@ -69,7 +75,8 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        return 130 if self.stopped_by == "SIGINT" else 0
+        from sessa_jax.console import EXIT_SIGNAL
+        return EXIT_SIGNAL.get(self.stopped_by, 0)
 
 
 def _main() -> bool:
@@ -157,6 +164,35 @@ def _best_metric(cfg: TrainConfig) -> tuple[str, str]:
 # -- training ---------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class Preflight:
+    """What :func:`preflight` checked: the task (data readable), the mesh, the model setup."""
+
+    cfg: TrainConfig
+    task: object
+    setup: Setup
+
+    def describe(self) -> str:
+        c = self.cfg
+        return (f"ok: {c.model.family} model, {fmt_count(param_count(c.model))} parameters | "
+                f"task {c.data.task}: {self.task.split_size('train'):,} train examples, "
+                f"seq_len {c.data.seq_len} | {describe(self.setup.mesh)} | would write "
+                f"{os.path.abspath(c.run.output_dir)}")
+
+
+def preflight(cfg: TrainConfig) -> Preflight:
+    """Every check that needs no writing: the task and its data files, the mesh against the
+    devices, the batch against the mesh, the model's abstract state. Raises ConfigError or
+    DataError; creates nothing on disk."""
+    task = task_for(cfg.data)
+    mesh = make_mesh(cfg.mesh)
+    check_batch(cfg, mesh)
+    out = os.path.abspath(cfg.run.output_dir)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"run.output_dir={cfg.run.output_dir!r} exists and is not a directory")
+    return Preflight(cfg, task, make_setup(cfg, mesh))
+
+
 def train(cfg: TrainConfig) -> RunResult:
     """Train (or resume) the run described by ``cfg``; see the module docstring.
 
@@ -164,17 +200,15 @@ def train(cfg: TrainConfig) -> RunResult:
     before anything else touches JAX. Raises ConfigError/DataError/CheckpointError for user
     mistakes and NonFiniteError when training diverges.
     """
+    t_begin = time.perf_counter()
+    pre = preflight(cfg)
+    task, setup = pre.task, pre.setup
     run_dir = os.path.abspath(cfg.run.output_dir)
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as e:
         raise ConfigError(
             f"run.output_dir={cfg.run.output_dir!r}: cannot create it ({e})") from None
-    t_begin = time.perf_counter()
-    task = task_for(cfg.data)
-    mesh = make_mesh(cfg.mesh)
-    check_batch(cfg, mesh)
-    setup = make_setup(cfg, mesh)
     ckpt = Checkpointer(run_dir, cfg.checkpoint)
     writer = MetricsWriter(run_dir, enabled=_main(), tensorboard=cfg.run.tensorboard)
     try:
@@ -209,6 +243,7 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
 
     train_step = make_train_step(cfg, setup)
     eval_step = make_eval_step(cfg, setup, token_byte_lengths(task))
+    stats_step = make_stats_step(cfg, setup)  # None unless run.stability_stats (Sessa only)
     sharding = batch_sharding(setup.mesh, cfg.mesh.sharding_rules())
     block, blocks = process_rows(sharding, (G, T))
     it = batches(cfg.data, "train", G, start_step=start, process_index=block,
@@ -227,13 +262,16 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
         if track["compile_sec"] is None:
             track["compile_sec"] = time.perf_counter() - track["t_start"]
             thr.start(k)
-        log = force_log or evaluate or k % cfg.run.log_every == 0 or k == total
+        log = force_log or evaluate or bool(logged_step(cfg, k))
         rec = None
         if log:
-            rec = {"step": k, "loss": m["loss"], "accuracy": m["accuracy"],
+            # NaN: a step logged only because of a stop signal (accuracy not computed there)
+            acc = m["accuracy"] if math.isfinite(m["accuracy"]) else None
+            rec = {"step": k, "loss": m["loss"], "accuracy": acc,
                    "grad_norm": m["grad_norm"], "learning_rate": m["learning_rate"]}
             rec.update(thr.report(k))
             rec["skipped_total"] = track["skipped"]
+            rec.update({key: v for key, v in m.items() if key.startswith("stability/")})
             rec["time"] = time.perf_counter() - t_begin
         ev = None
         if evaluate:
@@ -264,45 +302,83 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
     stopped_by = None
     k, pending = start, None
     sleep = float(os.environ.get("SESSA_DEBUG_STEP_SLEEP", "0") or 0)
-    with StopSignals() as signals:
-        while k < total:
-            if sleep:
-                time.sleep(sleep)
-            batch = global_batch(step_batch(next(it)), sharding, G)
-            state, m = train_step(state, batch)
-            state_ref[0] = state
-            k += 1
+    try:
+        with StopSignals() as signals:
+            while k < total:
+                if sleep:
+                    time.sleep(sleep)
+                batch = global_batch(step_batch(next(it)), sharding, G)
+                # the forward pass of the step about to be logged, before its update (donation)
+                log_next = (k + 1) % cfg.run.log_every == 0 or k + 1 == total
+                st = stats_step(state.params, batch) if stats_step and log_next else None
+                new_state, m = train_step(state, batch)
+                if st is not None:
+                    m = {**m, **st}
+                state, k = new_state, k + 1  # together: (k, state) is always a finished step
+                state_ref[0] = state
+                if pending is not None:
+                    handle(*pending, evaluate=False)
+                    pending = None
+                is_save = k == total or bool(cfg.checkpoint.every_steps
+                                             and k % cfg.checkpoint.every_steps == 0)
+                is_eval = k == total or bool(cfg.run.eval_every and k % cfg.run.eval_every == 0)
+                is_eval |= is_save and cfg.checkpoint.keep_best_metric is not None  # rank saves
+                stopped_by = signals.requested()
+                if is_eval or is_save or stopped_by:
+                    ev = handle(k, m, evaluate=bool(is_eval), force_log=bool(stopped_by))
+                    ckpt.save(k, state, cfg, metrics=ev)
+                    if stopped_by:
+                        ckpt.wait()
+                        say(f"{stopped_by}: saved checkpoint at step {k} in {ckpt.directory}; "
+                            "run the same command again to resume")
+                        break
+                else:
+                    pending = (k, m)
             if pending is not None:
                 handle(*pending, evaluate=False)
-                pending = None
-            is_save = k == total or bool(cfg.checkpoint.every_steps
-                                         and k % cfg.checkpoint.every_steps == 0)
-            is_eval = k == total or bool(cfg.run.eval_every and k % cfg.run.eval_every == 0)
-            is_eval |= is_save and cfg.checkpoint.keep_best_metric is not None  # rank saves
-            stopped_by = signals.requested()
-            if is_eval or is_save or stopped_by:
-                ev = handle(k, m, evaluate=bool(is_eval), force_log=bool(stopped_by))
-                ckpt.save(k, state, cfg, metrics=ev)
-                if stopped_by:
-                    ckpt.wait()
-                    say(f"{stopped_by}: saved checkpoint at step {k} in {ckpt.directory}; "
-                        "run the same command again to resume")
-                    break
-            else:
-                pending = (k, m)
-        if pending is not None:
-            handle(*pending, evaluate=False)
+    except Exception as e:
+        _save_before_failing(ckpt, cfg, k, start, state, e)
+        raise
     if start >= total and track["last_eval"] is None:
         say(f"run already complete at step {start}/{total}: evaluating only")
         track["last_eval"], track["last_eval_step"] = run_eval(
             cfg, task, setup, eval_step, state.params), start
 
     summary = _summary(cfg, track, k, start, t_begin, best_name, best_mode)
+    summary["stopped_by"] = stopped_by
+    summary["skipped_records"] = int(getattr(task, "skipped_records", 0))
     if _main():
         with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1)
         _print_summary(summary, cfg)
     return RunResult(summary, stopped_by)
+
+
+def _save_before_failing(ckpt, cfg, k: int, start: int, state, err: BaseException) -> None:
+    """After an exception in the loop: save step ``k`` (the last finished one) if its state is
+    intact, so that no finished step is lost; then the caller re-raises. One process only
+    (with several, the others may be stuck in a collective and a save would hang)."""
+    if k <= start or jax.process_count() > 1:
+        return
+    what = type(err).__name__
+    try:
+        leaves = jax.tree.leaves(state)
+        if any(getattr(x, "is_deleted", lambda: False)() for x in leaves):
+            say(f"{what}: the state of step {k} was lost with the failed step; the newest "
+                f"checkpoint in {ckpt.directory} is the last good one")
+            return
+        from sessa_jax.train.integrity import digests
+        if digests(state.params)[1]:
+            say(f"{what}: not saving step {k}: its parameters are non-finite")
+            return
+        ckpt.wait()
+        saved = ckpt.save(k, state, cfg)
+        ckpt.wait()
+        say(f"{what}: " + ("saved a" if saved else "kept the")
+            + f" checkpoint of step {k}, the last completed step, in {ckpt.directory}; fix the "
+            "problem and run the same command again to resume")
+    except Exception as e2:  # report the original error, not this one
+        say(f"{what}: could not save step {k} before stopping ({type(e2).__name__}: {e2})")
 
 
 def _summary(cfg, track, k, start, t_begin, best_name, best_mode) -> dict:
@@ -329,7 +405,12 @@ def _print_summary(s: dict, cfg: TrainConfig) -> None:
     print(f"trained {s['steps_this_session']} steps this session (step {s['steps']}/"
           f"{cfg.run.steps}), {fmt_count(s['tokens_seen'])} tokens seen in total, wall time "
           f"{fmt_duration(s['wall_time_sec'])}{comp}"
-          + (f", {s['skipped_steps']} non-finite steps skipped" if s["skipped_steps"] else ""))
+          + (f", {s['skipped_steps']} non-finite steps skipped" if s["skipped_steps"] else "")
+          + (f", {s['skipped_records']} unreadable data records skipped "
+             "(data.on_bad_record=skip)" if s.get("skipped_records") else ""))
+    if s.get("stopped_by"):
+        print(f"stopped by {s['stopped_by']} at step {s['steps']}/{cfg.run.steps}: run the same "
+              "command again to resume")
     ev = s["final_eval"]
     if ev:
         chance = s["chance_accuracy"]
@@ -337,8 +418,10 @@ def _print_summary(s: dict, cfg: TrainConfig) -> None:
                  f"sequence accuracy {ev['seq_accuracy']:.1%}", f"loss {ev['loss']:.4f}"]
         if "bits_per_byte" in ev:
             parts += [f"perplexity {ev['perplexity']:.3f}", f"bits/byte {ev['bits_per_byte']:.4f}"]
-        print(f"final eval (step {s['final_eval_step']}, {ev['examples']} held-out examples): "
-              + ", ".join(parts))
+        # After an interrupt the newest eval is a periodic one, not the end-of-run eval.
+        label = (f"last eval before the {s['stopped_by']} (step {s['final_eval_step']}"
+                 if s.get("stopped_by") else f"final eval (step {s['final_eval_step']}")
+        print(f"{label}, {ev['examples']} held-out examples): " + ", ".join(parts))
     b = s["best_eval"]
     if b:
         v = b["value"]

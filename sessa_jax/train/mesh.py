@@ -70,7 +70,12 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     total = math.prod(sizes)
     if total > n_devices:
         verb = "is" if n_devices == 1 else "are"
-        raise ConfigError(f"{desc} needs {total} devices, but only {n_devices} {verb} available")
+        hint = ""
+        if jax.default_backend() == "cpu":
+            hint = (f"; on a CPU, start with XLA_FLAGS=--xla_force_host_platform_device_count="
+                    f"{total} to get {total} CPU devices")
+        raise ConfigError(f"{desc} needs {total} devices, but only {n_devices} {verb} "
+                          f"available{hint}")
     if total < n_devices and jax.process_count() > 1:
         raise ConfigError(
             f"{desc} uses {total} of {n_devices} devices; with several processes the mesh must "

@@ -2,8 +2,9 @@
 
 ``metrics.jsonl`` holds one JSON object per logged step: ``step``, ``loss``, ``accuracy``,
 ``grad_norm``, ``learning_rate``, ``tokens_per_sec``, ``mfu`` (null on CPU), ``skipped``, ``time``
-(seconds since start) and, on eval steps, ``eval/<name>`` entries. Non-finite numbers are
-written as null (JSON has no NaN).
+(seconds since start) and, on eval steps, ``eval/<name>`` entries; with
+``run.stability_stats``, also ``stability/layer<i>/<name>`` (sessa_jax/train/stability.py).
+Non-finite numbers are written as null (JSON has no NaN).
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sessa_jax.models.lm import DecoderLM
-from sessa_jax.train.config import OptimizerConfig, TrainConfig
+from sessa_jax.ops.attention import check_attention_impl
+from sessa_jax.train.config import ConfigError, OptimizerConfig, TrainConfig
 from sessa_jax.train.mesh import param_shardings, replicated
 
 
@@ -130,6 +131,14 @@ class Setup:
 
 def make_setup(cfg: TrainConfig, mesh: Mesh) -> Setup:
     """Abstract state and shardings for ``cfg`` on ``mesh`` (nothing is allocated)."""
+    if cfg.model.family in ("sessa", "transformer"):  # a kernel the run's devices cannot run
+        try:
+            check_attention_impl(cfg.model.attention_impl, field="model.attention_impl",
+                                 head_dim=cfg.model.d_model // cfg.model.n_heads,
+                                 dtype=jnp.dtype(cfg.model.dtype),
+                                 platform=mesh.devices.flat[0].platform)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     rules = cfg.mesh.sharding_rules()
     model_def, abs_params, logical = abstract_model(cfg.model, cfg.run.seed)
     tx = make_optimizer(cfg, abs_params)

@@ -40,17 +40,36 @@ def step_batch(batch: dict) -> dict:
     return {k: batch[k] for k in STEP_KEYS}
 
 
-def loss_sums(model_def, params, batch: dict) -> dict:
-    """Sums over the batch (B, T): nll, scored positions, correct argmax at scored positions."""
-    logits = model_def(params)(batch["inputs"])  # (B, T, V) float32
+def loss_sums(model_def, params, batch: dict, *, predict=True) -> dict:
+    """Sums over the batch (B, T): nll, scored positions, correct argmax at scored positions.
+
+    The cross-entropy goes through ``DecoderLM.token_nll`` (chunked over the sequence by
+    ``model.loss_chunk_size``). ``predict`` (a bool or a traced bool) gates the argmax:
+    "correct" is 0 where it is false.
+    """
+    model = model_def(params)
     targets, mask = batch["targets"], batch["loss_mask"] > 0
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # (B, T)
-    pred = jnp.argmax(logits, axis=-1)
+    nll, pred = model.token_nll(model.hidden(batch["inputs"]), targets, predict=predict)
+    correct = (0.0 if pred is None
+               else jnp.sum((pred == targets) & mask, dtype=jnp.float32))
     return {
         "nll": jnp.sum(jnp.where(mask, nll, 0.0)),
         "scored": jnp.sum(mask, dtype=jnp.float32),
-        "correct": jnp.sum((pred == targets) & mask, dtype=jnp.float32),
+        "correct": jnp.asarray(correct, jnp.float32),
     }
+
+
+def logged_step(cfg: TrainConfig, k):
+    """Whether the training loop logs the metrics of step ``k`` (1-based: the step count
+    after the update). Works on Python ints and traced ints, so the train step computes train
+    accuracy (an argmax over V at every position) only on the steps that get logged: every
+    ``log_every``, the last, eval steps, and checkpoint steps that rank by an eval metric."""
+    run, ck = cfg.run, cfg.checkpoint
+    last = k == run.steps
+    hit = lambda every: (k % every == 0) if every else False
+    is_save = last | hit(ck.every_steps)
+    ranked = is_save if ck.keep_best_metric is not None else False
+    return hit(run.log_every) | last | hit(run.eval_every) | ranked
 
 
 def _where_tree(ok, new, old):
@@ -61,6 +80,7 @@ def make_train_step(cfg: TrainConfig, setup: Setup) -> Callable:
     """``step(state, batch) -> (state, metrics)``, jitted with explicit shardings and the state
     donated. batch: {"inputs" int32 (G, T), "targets" int32 (G, T), "loss_mask" f32 (G, T)}.
     metrics (replicated scalars): loss, accuracy, grad_norm, learning_rate, scored, skipped.
+    accuracy is NaN on steps that :func:`logged_step` says are not logged (not computed).
     """
     accum = cfg.optimizer.grad_accum_steps
     schedule = lr_schedule(cfg.optimizer, cfg.run.steps)
@@ -69,9 +89,9 @@ def make_train_step(cfg: TrainConfig, setup: Setup) -> Callable:
     row_axes = batch_spec(rules)[0]
     micro_sharding = NamedSharding(mesh, P(None, row_axes, None))
 
-    def grads_of(params, mb, denom):
+    def grads_of(params, mb, denom, predict):
         def f(p):
-            sums = loss_sums(model_def, p, mb)
+            sums = loss_sums(model_def, p, mb, predict=predict)
             return sums["nll"] / denom, sums
 
         (_, sums), g = jax.value_and_grad(f, has_aux=True)(params)
@@ -83,8 +103,9 @@ def make_train_step(cfg: TrainConfig, setup: Setup) -> Callable:
 
     def _step(state: TrainState, batch: dict):
         denom = jnp.maximum(jnp.sum(batch["loss_mask"] > 0, dtype=jnp.float32), 1.0)
+        predict = logged_step(cfg, state.step + 1)  # train accuracy only when it is logged
         if accum == 1:
-            grads, sums = grads_of(state.params, batch, denom)
+            grads, sums = grads_of(state.params, batch, denom, predict)
         else:
             def split(x):  # (G, T) -> (k, G/k, T), microbatch j = rows j, k + j, 2k + j, ...
                 x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
@@ -96,7 +117,7 @@ def make_train_step(cfg: TrainConfig, setup: Setup) -> Callable:
 
             def body(carry, mb):
                 g_acc, s_acc = carry
-                g, s = grads_of(state.params, mb, denom)
+                g, s = grads_of(state.params, mb, denom, predict)
                 g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
                 return (g_acc, jax.tree.map(jnp.add, s_acc, s)), None
 
@@ -120,7 +141,7 @@ def make_train_step(cfg: TrainConfig, setup: Setup) -> Callable:
         )
         metrics = {
             "loss": loss,
-            "accuracy": sums["correct"] / denom,
+            "accuracy": jnp.where(predict, sums["correct"] / denom, jnp.nan),
             "grad_norm": grad_norm,
             "learning_rate": schedule(applied),
             "scored": sums["scored"],
@@ -144,12 +165,11 @@ def make_eval_step(cfg: TrainConfig, setup: Setup, byte_lengths: Optional[np.nda
     table = None if byte_lengths is None else jnp.asarray(byte_lengths, jnp.float32)
 
     def ev(params, batch):
-        with activation_sharding(mesh, rules):
-            logits = model_def(params)(batch["inputs"])
         targets, mask = batch["targets"], batch["loss_mask"]
+        with activation_sharding(mesh, rules):
+            model = model_def(params)
+            nll, pred = model.token_nll(model.hidden(batch["inputs"]), targets, predict=True)
         scored = mask > 0
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        pred = jnp.argmax(logits, axis=-1)
         out = {
             "nll": jnp.sum(jnp.where(scored, nll, 0.0)),
             "scored": jnp.sum(scored, dtype=jnp.float32),

@@ -4,14 +4,31 @@ Follows /shared/TASKS.md (the Sessa paper's public generator), at token level:
 
     <bos> noise0 <sep1> block1 <sep2> noise1 <sep1> block2 <sep2> noise2 <sep> <label>
 
+Two layouts (``data.symbol_soup.layout``) of the same drawn example:
+
+* ``compact`` (default): exactly the 12 items above, one token per symbol and marker, no
+  whitespace: M + 7 tokens for M symbols.
+* ``paper``: the public generator's text, where every symbol, space and newline is a token.
+  TASKS.md says whitespace counts but not where it falls; the choice made here: the symbols of
+  one segment (a noise or stylised block) are separated by single spaces, and the 12 items
+  (7 markers, 5 segments) are separated by newlines, so every marker and every segment sits on a
+  line of its own and nothing trails the last line::
+
+      <bos>\n n n n\n <sep1>\n b b\n <sep2>\n n\n <sep1>\n b b b\n <sep2>\n n n\n <sep>\n <label>
+
+  (shown with a space after each newline for reading; there is none). Tokens: M symbols, M - 5
+  spaces, 11 newlines, 7 markers = 2 M + 13, always odd, so M is drawn uniformly among the
+  counts whose token length lies in [min_len, max_len]. ``render`` gives the text itself.
+
 block1/block2 are a block of left style l (of 4) and one of right style r (of 5), in random
 order; the class is k = 5*l + r. The example scores exactly one position, ``<label>``, whose
 target is the token ``CLASS_k`` (classes are vocabulary tokens, so an LM head answers them).
 
-Vocabulary (44 ids):
+Vocabulary (44 ids compact, 46 paper):
     0 <pad>, 1 <bos>, 2 <sep1>, 3 <sep2>, 4 <sep>, 5 <label>, 6 <eos>, 7 [MASK],
-    8..23 the symbols a..p, 24..43 CLASS_0..CLASS_19.
-<eos> and [MASK] are in the vocabulary (as in the public generator) but never emitted.
+    8..23 the symbols a..p, 24..43 CLASS_0..CLASS_19; paper only: 44 ' ', 45 '\\n'.
+<eos> and [MASK] are in the vocabulary (as in the public generator) but never emitted. The
+whitespace ids come last so the compact ids (and trained compact models) are unchanged.
 
 Style tables are drawn once per family with Python's ``random.Random(123)`` (left) and
 ``random.Random(456)`` (right), style by style in order, each shuffling a fresh copy of the 16
@@ -27,7 +44,7 @@ import random
 
 import numpy as np
 
-from sessa_jax.data.config import SOUP_OVERHEAD, DataConfig
+from sessa_jax.data.config import DataConfig, soup_symbol_range
 from sessa_jax.data.examples import make_example
 from sessa_jax.data.tasks.base import Task, example_rng
 
@@ -39,7 +56,9 @@ SYMBOL0 = len(SPECIALS)  # id of symbol 'a'
 NUM_LEFT, NUM_RIGHT = 4, 5
 NUM_CLASSES = NUM_LEFT * NUM_RIGHT
 CLASS0 = SYMBOL0 + NUM_SYMBOLS  # id of CLASS_0
-VOCAB_SIZE = CLASS0 + NUM_CLASSES
+VOCAB_SIZE = CLASS0 + NUM_CLASSES  # compact layout
+SPACE, NEWLINE = VOCAB_SIZE, VOCAB_SIZE + 1  # paper layout only
+PAPER_VOCAB_SIZE = VOCAB_SIZE + 2
 LEFT_SEED, RIGHT_SEED = 123, 456
 
 # All contiguous runs of length 3, 4, 5 of a..p, shortest first, so "motifs of length <= n"
@@ -178,7 +197,10 @@ class SymbolSoupTask(Task):
     def __init__(self, cfg: DataConfig):
         super().__init__(cfg)
         self.sc = cfg.symbol_soup
+        self.layout = self.sc.layout
         self.min_len, self.max_len = self.sc.lengths(cfg.seq_len)
+        self.m_lo, self.m_hi = soup_symbol_range(self.layout, self.min_len, self.max_len)
+        self.vocab_size = PAPER_VOCAB_SIZE if self.layout == "paper" else VOCAB_SIZE
         self.left_samplers = [_Sampler(s, self.sc.bigram_boost) for s in LEFT_STYLES]
         self.right_samplers = [_Sampler(s, self.sc.bigram_boost) for s in RIGHT_STYLES]
 
@@ -194,7 +216,8 @@ class SymbolSoupTask(Task):
         left, right = divmod(label, NUM_RIGHT)
         rng = example_rng(self.seed, split, index)
         sc = self.sc
-        m = int(rng.integers(self.min_len, self.max_len + 1)) - SOUP_OVERHEAD  # symbols
+        # compact: the same draw as integers(min_len, max_len + 1) - 7 (same range)
+        m = int(rng.integers(self.m_lo, self.m_hi + 1))  # symbols
         share = rng.uniform(sc.noise_min, sc.noise_max)
         n_noise = min(max(3, int(round(share * m))), m - 2)
         c1, c2 = np.sort(rng.choice(n_noise - 1, size=2, replace=False) + 1)
@@ -208,12 +231,33 @@ class SymbolSoupTask(Task):
         rb = stylised_block(self.right_samplers[right], n_right, rng, sc.motif_prob, sc.flip_prob)
         noise = [rng.integers(0, NUM_SYMBOLS, n) for n in noise_sizes]
         b1, b2 = (lb, rb) if left_first else (rb, lb)
-        s0 = SYMBOL0
-        tokens = np.concatenate([
-            [BOS], noise[0] + s0, [SEP1], b1 + s0, [SEP2], noise[1] + s0,
-            [SEP1], b2 + s0, [SEP2], noise[2] + s0, [SEP, LABEL],
-        ]).astype(np.int32)
+        tokens = self.lay_out(noise[0], b1, noise[1], b2, noise[2])
         return SoupSample(tokens, label, left, right, left_first, lb, rb, noise_sizes)
+
+    def lay_out(self, n0, b1, n1, b2, n2) -> np.ndarray:
+        """The five segments (symbols 0..15) -> int32 token ids <bos> .. <label>."""
+        s0 = SYMBOL0
+        if self.layout == "compact":
+            return np.concatenate([
+                [BOS], n0 + s0, [SEP1], b1 + s0, [SEP2], n1 + s0,
+                [SEP1], b2 + s0, [SEP2], n2 + s0, [SEP, LABEL],
+            ]).astype(np.int32)
+        items = [[BOS], _spaced(n0), [SEP1], _spaced(b1), [SEP2], _spaced(n1),
+                 [SEP1], _spaced(b2), [SEP2], _spaced(n2), [SEP], [LABEL]]
+        out = []
+        for i, item in enumerate(items):
+            if i:
+                out.append(NEWLINE)
+            out.extend(item)
+        return np.asarray(out, np.int32)
+
+    def render(self, ids) -> str:
+        """Token ids -> the text they stand for: markers by name, symbols as letters, the paper
+        layout's whitespace as itself, CLASS_k by name, <pad> dropped."""
+        names = self.token_names()
+        text = {SPACE: " ", NEWLINE: "\n"}
+        return "".join(text.get(int(i), names[int(i)]) for i in np.asarray(ids).reshape(-1)
+                       if int(i) != PAD)
 
     def example(self, split: str, index: int) -> dict:
         s = self.sample(split, index)
@@ -221,4 +265,15 @@ class SymbolSoupTask(Task):
         return make_example(seq, [len(s.tokens) - 1], self.seq_len, PAD)
 
     def token_names(self) -> list[str]:
-        return list(SPECIALS) + list(SYMBOLS) + [f"CLASS_{k}" for k in range(NUM_CLASSES)]
+        names = list(SPECIALS) + list(SYMBOLS) + [f"CLASS_{k}" for k in range(NUM_CLASSES)]
+        return names + (["<space>", "<newline>"] if self.layout == "paper" else [])
+
+
+def _spaced(symbols: np.ndarray) -> list[int]:
+    """Symbols 0..15 -> their token ids with a SPACE between consecutive ones."""
+    out = []
+    for i, x in enumerate(symbols.tolist()):
+        if i:
+            out.append(SPACE)
+        out.append(SYMBOL0 + x)
+    return out

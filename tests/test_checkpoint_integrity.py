@@ -1,0 +1,241 @@
+"""Checkpoint and export integrity, in one process, without training (states are saved directly).
+
+A run directory gets checkpoints at steps 1 and 2 (different parameters) and step 3 with a NaN
+parameter. Then, on copies of it:
+- each corruption kind of step 2 (flipped bits, random bytes, truncation, a deleted file, garbled
+  or edited metadata) makes load_model and a resume warn once, naming step 2, and fall back to
+  step 1 with step 1's exact parameters; asking for step 2 explicitly raises CheckpointError;
+- a randomized trial of corruptions never restores different values silently (the figures for
+  the README's reliability section);
+- the NaN step is refused by load_model, sessa-eval (exit 4) and sessa-export (exit 4), and
+  skipped by a resume;
+- exports are mode 0644 and load_pretrained refuses a damaged file or NaN tensors.
+"""
+
+import json
+import os
+import random
+import shutil
+import stat
+
+import jax
+import numpy as np
+import pytest
+
+from sessa_jax.train.checkpoint import CheckpointError, Checkpointer, load_model
+from sessa_jax.train.config import from_dict
+from sessa_jax.train.mesh import make_mesh
+from sessa_jax.train.state import abstract_with_shardings, init_state, make_setup
+
+RAW = {
+    "model": {"family": "sessa", "d_model": 16, "n_layers": 1, "n_heads": 2},
+    "data": {"task": "symbol_soup", "seq_len": 16, "num_eval_examples": 8},
+    "checkpoint": {"every_steps": 1, "keep_last": 5, "async_save": False},
+    "mesh": {"data": 1},
+    "run": {"steps": 3, "global_batch_size": 8, "tensorboard": False},
+}
+N_TRIAL = 36
+
+
+def host(tree):
+    return jax.tree.map(lambda x: np.array(jax.device_get(x)), tree)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(run dir, cfg, setup, {step: host params})."""
+    d = tmp_path_factory.mktemp("integrity") / "run"
+    cfg = from_dict({**RAW, "run": {**RAW["run"], "output_dir": str(d)}})
+    setup = make_setup(cfg, make_mesh(cfg.mesh))
+    state = init_state(setup)
+    ck = Checkpointer(str(d), cfg.checkpoint)
+    params = {}
+    for step in (1, 2, 3):
+        p = host(state.params)
+        p["embed"]["embedding"] += step  # distinct parameters per step
+        if step == 3:
+            p["embed"]["embedding"][0, 0] = np.nan
+        s = state.replace(params=jax.device_put(p, setup.shardings.params),
+                          step=jax.numpy.int32(step))
+        ck.save(step, s, cfg)
+        params[step] = p
+    ck.wait()
+    ck.close()
+    return str(d), cfg, setup, params
+
+
+def copy_without(run_dir, tmp_path, drop=(3,)):
+    dst = tmp_path / "copy"
+    shutil.copytree(run_dir, dst)
+    for s in drop:
+        shutil.rmtree(dst / "checkpoints" / str(s))
+    return dst
+
+
+def data_files(step_dir):
+    """Array data files of a step's state (OCDBT), largest first."""
+    out = []
+    for root, _, files in os.walk(os.path.join(step_dir, "state")):
+        if os.path.basename(root) == "d":
+            out += [os.path.join(root, f) for f in files]
+    return sorted(out, key=os.path.getsize, reverse=True)
+
+
+def corrupt(kind: str, step_dir: str, rng: random.Random) -> None:
+    if kind.startswith("meta"):
+        path = os.path.join(step_dir, "meta", "metadata")
+    else:
+        files = data_files(step_dir)
+        path = files[0] if kind == "flip4" else rng.choice(files)
+    data = bytearray(open(path, "rb").read())
+    if kind == "flip4":  # four bit flips in the parameters' data
+        for _ in range(4):
+            i = rng.randrange(len(data))
+            data[i] ^= 1 << rng.randrange(8)
+    elif kind == "random400":
+        o = rng.randrange(max(1, len(data) - 400))
+        data[o:o + 400] = bytes(rng.randrange(256) for _ in range(400))
+    elif kind == "truncate":
+        data = data[: rng.randrange(len(data))]
+    elif kind == "delete":
+        os.remove(path)
+        return
+    elif kind == "meta_garbage":
+        data[len(data) // 2:] = b"\x00garbage"
+    elif kind == "meta_edit":  # valid JSON, one config value changed
+        meta = json.loads(data)
+        meta["config"]["optimizer"]["lr"] *= 10
+        data = json.dumps(meta).encode()
+    open(path, "wb").write(bytes(data))
+
+
+def params_equal(a, b) -> bool:
+    return all(np.array_equal(x, y, equal_nan=True)
+               for x, y in zip(jax.tree.leaves(host(a)), jax.tree.leaves(b)))
+
+
+# Kinds that always damage what restore_params reads (the largest data file holds params, see
+# test below); random bytes may land in bytes no array uses, checked in the trial.
+@pytest.mark.parametrize("kind", ["flip4", "truncate", "meta_garbage", "meta_edit"])
+def test_each_corruption_falls_back_to_the_previous_step(run, tmp_path, kind):
+    run_dir, cfg, setup, params = run
+    d = copy_without(run_dir, tmp_path)
+    corrupt(kind, str(d / "checkpoints" / "2"), random.Random(kind))
+    with pytest.warns(RuntimeWarning, match=r"checkpoint .*/2 is unreadable \(.+\); falling back "
+                                            r"to step 1") as rec:
+        model, _, step = load_model(str(d))
+    assert len(rec) == 1 and step == 1
+    from flax import nnx
+    assert params_equal(nnx.to_pure_dict(nnx.state(model, nnx.Param)), params[1])
+    if kind == "flip4":
+        assert "does not match its checksum" in str(rec[0].message)
+        assert "array params." in str(rec[0].message)
+    with pytest.raises(CheckpointError, match=r"/2: checkpoint is unreadable"):
+        Checkpointer(str(d), read_only=True).restore_params(
+            setup.abstract.params, step=2)
+    # A resume falls back the same way and moves the damaged step aside.
+    with pytest.warns(RuntimeWarning, match=r"/2 is unreadable"):
+        state, _, step = Checkpointer(str(d), cfg.checkpoint).restore(
+            abstract_with_shardings(setup))
+    assert step == 1 and params_equal(state.params, params[1])
+    assert os.listdir(d / "corrupt_checkpoints") and not (d / "checkpoints" / "2").exists()
+
+
+def test_random_corruptions_are_detected_or_harmless(run, tmp_path):
+    """N_TRIAL random corruptions of step 2 (kind, file and offset at random): each either falls
+    back to step 1 or restores step 2's exact values. None restores different values.
+    Figures of one run (README, Reliability): printed as 'corruption trial: {...}'."""
+    run_dir, cfg, setup, params = run
+    rng = random.Random(0)
+    tally = {}
+    for i in range(N_TRIAL):
+        kind = ["flip4", "random400", "truncate", "delete", "meta_garbage", "meta_edit"][i % 6]
+        d = copy_without(run_dir, tmp_path / str(i))
+        corrupt(kind, str(d / "checkpoints" / "2"), rng)
+        with _record() as rec:
+            state, _, step = Checkpointer(str(d), cfg.checkpoint).restore(
+                abstract_with_shardings(setup))
+        if step == 1:
+            assert params_equal(state.params, params[1]) and len(rec) == 1
+            outcome = "detected"
+        else:
+            assert step == 2 and params_equal(state.params, params[2]), kind  # never silent
+            outcome = "harmless"
+        tally.setdefault(kind, {"detected": 0, "harmless": 0})[outcome] += 1
+        shutil.rmtree(tmp_path / str(i))
+    print("corruption trial:", json.dumps(tally))
+    detected = sum(t["detected"] for t in tally.values())
+    assert detected >= N_TRIAL // 2, tally
+    # Metadata damage is always caught (its sha256); data-file damage may only touch bytes no
+    # array uses (OCDBT files keep superseded nodes), and then the values are exactly step 2's.
+    for kind in ("meta_garbage", "meta_edit"):
+        assert tally[kind]["harmless"] == 0, tally
+
+
+class _record:
+    """warnings.catch_warnings(record=True) with every warning kept."""
+
+    def __enter__(self):
+        import warnings
+        self._cm = warnings.catch_warnings(record=True)
+        rec = self._cm.__enter__()
+        warnings.simplefilter("always")
+        return rec
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)
+
+
+def test_non_finite_weights_are_refused(run, tmp_path, capsys):
+    run_dir, cfg, setup, params = run
+    with pytest.raises(CheckpointError, match=r"/3: array params.embed.embedding holds 1 "
+                                              r"non-finite values \(NaN/inf\); refusing"):
+        load_model(run_dir)
+    from sessa_jax.export.cli import main as export_main
+    from sessa_jax.train.cli import eval_main
+    assert eval_main(["--run", run_dir]) == 4
+    err = capsys.readouterr().err
+    assert "non-finite" in err and err.count("\n") == 1
+    assert export_main(["--run", run_dir, "--out", str(tmp_path / "x")]) == 4
+    assert "non-finite" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    # A resume skips it (a NaN state cannot train) and takes step 2.
+    d = copy_without(run_dir, tmp_path, drop=())
+    with pytest.warns(RuntimeWarning, match=r"/3 is unreadable \(array params.embed.embedding "
+                                            r"holds 1 non-finite values"):
+        state, _, step = Checkpointer(str(d), cfg.checkpoint).restore(
+            abstract_with_shardings(setup))
+    assert step == 2 and params_equal(state.params, params[2])
+
+
+def test_exports_are_readable_by_others_and_verified(run, tmp_path, capsys):
+    run_dir, cfg, setup, params = run
+    from sessa_jax.export import ExportError, load_pretrained
+    from sessa_jax.export.cli import main as export_main
+
+    out = tmp_path / "exp"
+    assert export_main(["--run", run_dir, "--step", "2", "--out", str(out),
+                        "--max-shard-size", "1KB"]) == 0
+    files = sorted(os.listdir(out))
+    assert len(files) > 3
+    for f in files:
+        assert stat.S_IMODE(os.stat(out / f).st_mode) == 0o644, f
+    load_pretrained(str(out))  # loads clean
+    shard = out / next(f for f in files if f.endswith(".safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF  # last bytes: tensor data, not the header
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match=r"sha256 does not match config.json"):
+        load_pretrained(str(out))
+    # NaN tensors whose checksums were updated (a model that really holds NaN) are refused too.
+    from safetensors.numpy import load_file, save_file
+    from sessa_jax.export.core import file_sha256
+    t = load_file(str(shard))
+    name = next(iter(t))
+    t[name] = t[name].copy()
+    t[name].flat[0] = np.nan
+    save_file(t, str(shard), metadata={"format": "sessa_jax.export.v1"})
+    cfgj = json.loads((out / "config.json").read_text())
+    cfgj["sha256"][shard.name] = file_sha256(str(shard))
+    (out / "config.json").write_text(json.dumps(cfgj))
+    with pytest.raises(ExportError, match=rf"tensor {name} holds 1 non-finite values"):
+        load_pretrained(str(out))

@@ -1,0 +1,162 @@
+"""The README's commands run as written, on a fresh copy of the repository after the quickstart.
+
+Every command line of every ```bash block (and the ```python block) of README.md is parsed here,
+so README and test cannot drift: each must match exactly one rule below. A rule runs the line
+verbatim in a temporary copy of configs/, scripts/ and the *.md files, appending only overrides
+that make it short (fewer steps, fewer eval examples); or names why the line is not walked here
+(GPU-only, hours on a CPU, the test suite itself, covered by another test). A README command
+with no rule fails the test.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+
+SHORT_RUN = " run.steps=2 run.eval_every=0 checkpoint.every_steps=2 data.num_eval_examples=16"
+# (prefix of the command line, what to append, or None with the reason it is not walked)
+RULES = [
+    ("python3 -m venv .venv && . .venv/bin/activate && pip install -e . && sessa-train",
+     " run.steps=10 run.eval_every=0 checkpoint.every_steps=5 data.num_eval_examples=64"),
+    ("python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e",
+     (None, "the test suite itself")),
+    ("sessa-train --config configs/tasks/mqar-sessa.yaml",
+     SHORT_RUN + " data.seq_len=128 run.global_batch_size=8"),
+    ("XLA_FLAGS=--xla_force_host_platform_device_count=2 sessa-train", SHORT_RUN),
+    ("sessa-train --config configs/tasks/text-sessa.yaml", SHORT_RUN + " run.global_batch_size=8"),
+    ("sessa-eval", ""),
+    ("python scripts/generate.py", ""),
+    ("sessa-export", ""),
+    ("sessa-import", ""),
+    ("sessa-train --config runs/q-continued", SHORT_RUN),
+    ("python scripts/plot_metrics.py", ""),
+    ("python scripts/prepare_text.py", ""),
+    ("python scripts/param_count.py", ""),
+    ("python scripts/influence.py", ""),
+    ("python scripts/compare.py", (None, "hours on a CPU; tests/test_compare.py runs it tiny")),
+    ("python scripts/aot_compile.py", (None, "TPU compile of a pod config: tests/test_aot.py")),
+    ("python scripts/aot_layer.py", (None, "TPU compiles at long T: tests/test_long_context.py "
+                                           "runs it at a small width")),
+    ("bash scripts/aot_pods.sh", (None, "compiles every pod config: tens of minutes")),
+    ("python scripts/bench_multi_gpu.py", (None, "GPUs; tests/test_train_runs.py runs it on "
+                                                 "fake CPU devices")),
+    ("python scripts/bench_layer.py", (None, "a GPU benchmark")),
+]
+QUICKSTART = RULES[0][0]
+
+
+def readme_commands() -> list[str]:
+    text = open(README, encoding="utf-8").read()
+    cmds = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        block = block.replace("\\\n", " ")
+        for line in block.splitlines():
+            line = re.sub(r"\s+#\s.*$", "", line).strip()  # trailing comments
+            if line and not line.startswith("#"):
+                cmds.append(" ".join(line.split()))
+    return cmds
+
+
+def rule_for(cmd: str):
+    hits = [r for r in RULES if cmd.startswith(r[0])]
+    assert len(hits) == 1, f"README command without exactly one rule in {__file__}: {cmd!r}"
+    return hits[0][1]
+
+
+def test_every_readme_command_has_a_rule():
+    cmds = readme_commands()
+    assert len(cmds) >= 15 and cmds[0].startswith(QUICKSTART), cmds[:2]
+    for c in cmds:
+        rule_for(c)
+    used = {r[0] for r in RULES for c in cmds if c.startswith(r[0])}
+    assert used == {r[0] for r in RULES}, f"rules for commands no longer in the README: " \
+                                           f"{sorted({r[0] for r in RULES} - used)}"
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    """A fresh copy of what a clone has at its root (no runs/, no data/), and its env."""
+    d = tmp_path_factory.mktemp("clone")
+    for name in ("configs", "scripts"):
+        shutil.copytree(os.path.join(ROOT, name), d / name)
+    for name in os.listdir(ROOT):
+        if name.endswith(".md"):
+            shutil.copy(os.path.join(ROOT, name), d / name)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    for tool in ("python", "sessa-train", "sessa-eval", "sessa-export"):
+        assert shutil.which(tool, path=env["PATH"]), f"{tool} is not installed (pip install -e .)"
+    return d, env
+
+
+def run_line(line: str, cwd, env) -> str:
+    p = subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, f"{line!r} exited {p.returncode}:\n{out[-4000:]}"
+    for noise in ("Traceback", "WARNING:absl", "Exception ignored", "never retrieved"):
+        assert noise not in out, f"{line!r} printed {noise!r}:\n{out[-4000:]}"
+    return out
+
+
+def test_readme_commands_run_as_written_after_the_quickstart(clone):
+    """The quickstart first; then the other lines two at a time (they only read its run), except
+    those that need an earlier line's output (the text run needs prepare_text's corpus)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    d, env = clone
+    lines, skipped = [], []
+    for cmd in readme_commands():
+        rule = rule_for(cmd)
+        if isinstance(rule, tuple):
+            skipped.append((cmd, rule[1]))
+            continue
+        line = cmd
+        if cmd.startswith(QUICKSTART):  # the environment exists: run the last step of the line
+            line = "sessa-train" + cmd[len(QUICKSTART):]
+        lines.append((cmd, line + rule))
+    first, rest = lines[0], lines[1:]
+    assert first[0].startswith(QUICKSTART)
+    run_line(first[1], d, env)
+    later = [x for x in rest if ("data/corpus" in x[0] and "prepare_text" not in x[0])
+             or "q-continued" in x[0]]  # after prepare_text / the hf export, in README order
+    now = [x for x in rest if x not in later]
+    with ThreadPoolExecutor(2) as pool:
+        outs = dict(zip([c for c, _ in now], pool.map(lambda x: run_line(x[1], d, env), now)))
+    for cmd, line in later:
+        outs[cmd] = run_line(line, d, env)
+    cwd = os.getcwd()
+    try:  # the python block that loads the hf export, where the walk wrote it
+        os.chdir(d)
+        for code in python_blocks(hf=True):
+            exec(compile(code, "README.md", "exec"), {})
+    finally:
+        os.chdir(cwd)
+    example = [o for c, o in outs.items() if "--example 0" in c]
+    assert example and "expected:" in example[0] and "correct" in example[0], example
+    assert (d / "runs" / "quickstart" / "summary.json").exists()
+    assert (d / "exported" / "config.json").exists() and (d / "curves.png").exists()
+    assert (d / "runs" / "text" / "summary.json").exists() and len(lines) >= 12, lines
+    print(f"walked {len(lines)} README commands; not walked: {skipped}")
+
+
+def python_blocks(hf: bool) -> list[str]:
+    """The README's python blocks: those that read the walk's hf/ export, or the others."""
+    text = open(README, encoding="utf-8").read()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    return [b for b in blocks if ('"hf/"' in b) == hf]
+
+
+def test_readme_python_example_runs():
+    blocks = python_blocks(hf=False)
+    assert blocks and python_blocks(hf=True)
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})
