@@ -118,27 +118,51 @@ def test_sigkill_at_random_points_then_finish_equals_an_uninterrupted_run(config
     print(f"killed at logged steps {kills}; finished identical to the uninterrupted run")
 
 
-def test_corrupted_shard_saves_the_last_step_and_skip_finishes(tmp_path, capsys):
-    from sessa_jax.data.text import prepare_text
-    from sessa_jax.train import cli
+def _prepared(tmp_path, files: int, words: int, seed: int):
+    """A prepared byte-token corpus: one shard per file, records of at most 64 tokens."""
+    from sessa_jax.data.prepare import ReadOptions, prepare
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    r = random.Random(0)
-    for i in range(2):
+    r = random.Random(seed)
+    for i in range(files):
         (corpus / f"{i}.txt").write_text(" ".join(r.choice(["alpha", "beta", "gamma"])
-                                                  for _ in range(2500)))
+                                                  for _ in range(words)))
     prep = tmp_path / "prep"
-    meta = prepare_text([str(corpus / "*.txt")], str(prep), seq_len=16, records_per_shard=100,
-                        valid_fraction=0.05)
-    bad = prep / meta["shards"]["train"][2]  # rows 200..299: read at steps 25..37 (batch 8)
+    meta = prepare([str(corpus / "*.txt")], str(prep), ReadOptions(max_record_tokens=64),
+                   shard_bytes=1, progress=False)
+    return prep, meta
+
+
+def test_corrupted_shard_saves_the_last_step_and_skip_finishes(tmp_path, capsys):
+    from sessa_jax.data import DataError
+    from sessa_jax.data.prepare import PreparedCorpus
+    from sessa_jax.train import cli
+
+    T, G = 16, 8
+    prep, meta = _prepared(tmp_path, files=6, words=300, seed=0)  # ~1700 tokens per shard
+    bad = prep / meta["shards"][2]["records"]  # train rows ~213..318: steps ~27..40
     data = bytearray(bad.read_bytes())
-    data[2000:2400] = bytes(400)
+    end = bytes(data).index(bytes(64))  # the records; then zero padding, then the footer
+    data[end // 2:end // 2 + 40] = bytes(40)
     bad.write_bytes(bytes(data))
-    cfg = {**CONFIG, "data": {"task": "text", "seq_len": 16, "num_eval_examples": 8,
-                              "shuffle": False, "text": {"paths": [str(prep)]}},
+    corpus = PreparedCorpus(str(prep))
+    broken = []
+    for i in range(len(corpus)):
+        try:
+            corpus.read(i)
+        except DataError as e:
+            assert str(bad) in str(e), e
+            broken.append(i)
+    assert broken, "the corruption hit no record"
+    first = int(np.sum(corpus.lengths[:broken[0]]))  # stream offset of the first bad record
+    last_good_step = max(0, -(-(first - T) // T)) // G  # the batch of the first row needing it
+    assert 20 < last_good_step < 40 and last_good_step % 10, last_good_step
+    cfg = {**CONFIG, "data": {"task": "text", "seq_len": T, "num_eval_examples": 8,
+                              "shuffle": False,
+                              "text": {"paths": [str(prep)], "valid_fraction": 0.05}},
            "checkpoint": {"every_steps": 10, "keep_last": 3}}
-    cfg["run"] = {**CONFIG["run"], "steps": 45, "log_every": 5}
+    cfg["run"] = {**CONFIG["run"], "steps": 45, "log_every": 5, "global_batch_size": G}
     path = tmp_path / "text.yaml"
     path.write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
@@ -147,17 +171,19 @@ def test_corrupted_shard_saves_the_last_step_and_skip_finishes(tmp_path, capsys)
     assert code == 3, out + err
     line = [x for x in err.splitlines() if "error:" in x]
     assert len(line) == 1 and f"{bad}: record " in line[0] and "is unreadable" in line[0], err
+    assert "read for text train row" in line[0], line
     steps = sorted(int(s) for s in os.listdir(run / "checkpoints") if s.isdigit())
-    failed_at = steps[-1]
-    assert 20 < failed_at < 40 and failed_at % 10, steps  # the last good step, not a periodic save
-    assert f"saved a checkpoint of step {failed_at}, the last completed step" in out
+    assert steps[-1] == last_good_step, steps  # the last good step, not a periodic save
+    assert f"saved a checkpoint of step {last_good_step}, the last completed step" in out
     with pytest.warns(RuntimeWarning, match=r"skipping an unreadable record \(data.on_bad_record"
-                                            r"=skip\): .*record \d+ \(train row \d+\)"):
+                                            r"=skip\): .*record \d+ is unreadable .*; read for "
+                                            r"text train row \d+"):
         code = cli.train_main(["--config", str(path), f"run.output_dir={run}",
                                "data.on_bad_record=skip"])
     out, err = capsys.readouterr()
     assert code == 0, out + err
-    assert f"resumed from step {failed_at}" in out and "unreadable data records skipped" in out
+    assert f"resumed from step {last_good_step}" in out
+    assert "unreadable data records skipped" in out
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 45 and summary["skipped_records"] >= 1
 
@@ -173,21 +199,19 @@ def test_sigterm_during_start_up_says_so(config, tmp_path):
 
 
 def test_random_shard_corruptions_name_file_and_record_or_are_harmless(tmp_path):
-    """40 random corruptions of one ArrayRecord shard (1, 4 or 400 bytes at a random offset):
-    opening or reading raises a DataError naming the shard (and the record), or every record
-    reads back unchanged. None decodes as other tokens (Riegeli hashes every chunk)."""
+    """40 random corruptions of one ArrayRecord document shard (1, 4 or 400 bytes at a random
+    offset): opening or reading raises a DataError naming the shard (and the record), or every
+    record reads back unchanged. None decodes as other tokens (Riegeli hashes every chunk)."""
     from sessa_jax.data import DataError
-    from sessa_jax.data.text import _Rows, prepare_text
+    from sessa_jax.data.prepare import PreparedCorpus
 
-    corpus = tmp_path / "c.txt"
-    corpus.write_text(" ".join(random.Random(1).choice(["ab", "cd", "efg"]) for _ in range(4000)))
-    prep = tmp_path / "prep"
-    meta = prepare_text([str(corpus)], str(prep), seq_len=16, records_per_shard=200,
-                        valid_fraction=0.0)
-    name = meta["shards"]["train"][0]
-    n0 = min(200, meta["rows"]["train"])
+    prep, meta = _prepared(tmp_path, files=1, words=4000, seed=1)
+    name = meta["shards"][0]["records"]
     good = bytes((prep / name).read_bytes())
-    want = [_Rows(str(prep), [name], n0, 17)[i] for i in range(n0)]
+    corpus = PreparedCorpus(str(prep))
+    n0 = len(corpus)
+    assert n0 > 100
+    want = [corpus.read(i) for i in range(n0)]
     used = max(i for i, b in enumerate(good) if b)  # past this: zero padding
     rng = random.Random(3)
     tally = {"detected": 0, "harmless": 0}
@@ -199,8 +223,8 @@ def test_random_shard_corruptions_name_file_and_record_or_are_harmless(tmp_path)
                 data[o + j] = rng.randrange(256)
         (prep / name).write_bytes(bytes(data))
         try:
-            rows = _Rows(str(prep), [name], n0, 17)
-            got = [rows[i] for i in range(n0)]
+            corpus = PreparedCorpus(str(prep))
+            got = [corpus.read(i) for i in range(n0)]
         except DataError as e:
             assert str(prep / name) in str(e) and "\n" not in str(e), str(e)
             tally["detected"] += 1
@@ -209,3 +233,34 @@ def test_random_shard_corruptions_name_file_and_record_or_are_harmless(tmp_path)
         tally["harmless"] += 1
     print("shard corruption trial:", tally)
     assert tally["detected"] >= 5, tally
+
+
+def test_damaged_shard_index_is_named(tmp_path):
+    """The index beside each shard (tokens per record): truncated, garbled or of another length
+    is one DataError naming it when the task is built, not a wrong row later."""
+    from sessa_jax.data import DataError
+    from sessa_jax.data.prepare import PreparedCorpus
+
+    prep, meta = _prepared(tmp_path, files=2, words=300, seed=2)
+    idx = prep / meta["shards"][1]["index"]
+    good = idx.read_bytes()
+    table = np.load(idx)
+    for damage, needle in [
+        (good[:len(good) // 2], "cannot read this shard index"),
+        (b"garbage" * 10, "cannot read this shard index"),
+        (None, "meta.json says"),  # one record fewer
+        ("zero", "a record has no tokens"),
+    ]:
+        if damage is None:
+            np.save(idx, table[:-1])
+        elif damage == "zero":
+            t = table.copy()
+            t[3, 0] = 0
+            np.save(idx, t)
+        else:
+            idx.write_bytes(damage)
+        with pytest.raises(DataError, match=needle) as e:
+            PreparedCorpus(str(prep))
+        assert str(idx) in str(e.value) and "\n" not in str(e.value), e.value
+    idx.write_bytes(good)
+    PreparedCorpus(str(prep))

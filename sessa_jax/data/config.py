@@ -363,8 +363,9 @@ class DataConfig:
     packed row counts instead. ``shuffle``: visit each epoch of the train index space in a
     permuted order keyed by (seed, epoch). ``num_threads``/``prefetch`` tune Grain's reader.
     ``on_bad_record``: a record that cannot be read (a corrupted ArrayRecord shard) raises a
-    DataError naming the file and record ("error"), or is replaced by an all-pad, unscored
-    example, warned about and counted in the run's summary ("skip"); it may change on resume.
+    DataError naming the file and record ("error"), or every example (packed text row) that
+    needs it is replaced by an all-pad, unscored one, warned about and counted in the run's
+    summary as ``skipped_records`` ("skip"); it may change on resume.
     """
 
     task: TaskName = "symbol_soup"

@@ -26,6 +26,7 @@ in meta.json and goes on. The output directory is local (ArrayRecord writes loca
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import multiprocessing
@@ -40,7 +41,7 @@ import numpy as np
 from etils import epath
 
 from sessa_jax.data.errors import DataError
-from sessa_jax.data.packing import records_of
+from sessa_jax.data.packing import check_lengths, records_of
 from sessa_jax.data.sources import (
     DOCUMENT_UNITS, FORMATS, BadFile, check_file, expand_paths, read_documents,
 )
@@ -368,39 +369,91 @@ def is_prepared(path: str) -> bool:
 
 
 class PreparedCorpus:
-    """The records of a prepared directory: index arrays in memory, tokens read from disk."""
+    """The records of a prepared directory: index arrays in memory, tokens read from disk.
+
+    One ArrayRecord reader per shard, so that a read error names the file and the record index
+    in it (:meth:`locate`). Riegeli checks a hash of every chunk (one record per chunk here):
+    corrupted bytes fail the read, or land in padding and change nothing; they never decode as
+    other tokens. A record whose size disagrees with the index is an error too.
+    """
 
     def __init__(self, directory: str):
         import grain
 
         self.meta = meta = read_meta(directory)
         base = epath.Path(directory)
-        lengths, starts, paths = [], [], []
+        lengths, starts = [], []
+        self.paths, self.sources, self.first = [], [], []  # per non-empty shard
+        total = 0
         for shard in meta["shards"]:
             rec, idx = base / shard["records"], base / shard["index"]
             if not rec.exists() or not idx.exists():
                 raise DataError(f"{rec if not rec.exists() else idx}: shard listed in "
                                 "meta.json is missing")
-            with idx.open("rb") as f:
-                table = np.load(f, allow_pickle=False)
-            if table.shape != (shard["num_records"], 2):
-                raise DataError(f"{idx}: {table.shape[0]} records, meta.json says "
-                                f"{shard['num_records']}")
-            lengths.append(table[:, 0])
+            try:
+                with idx.open("rb") as f:
+                    table = np.load(f, allow_pickle=False)
+            except Exception as e:  # truncated or garbled .npy
+                raise DataError(f"{idx}: cannot read this shard index ({_reason(e)}); it is "
+                                "truncated or corrupted: prepare the corpus again") from None
+            if table.shape != (shard["num_records"], 2) or table.dtype.kind not in "iu":
+                raise DataError(f"{idx}: a {table.dtype} table of shape {table.shape}, "
+                                f"meta.json says {shard['num_records']} records (int64, 2 "
+                                "columns): prepare the corpus again")
+            check_lengths(table[:, 0], str(idx))
+            lengths.append(table[:, 0].astype(np.int64))
             starts.append(table[:, 1].astype(bool))
-            if shard["num_records"]:
-                paths.append(str(rec))
+            if not shard["num_records"]:
+                continue
+            try:
+                src = grain.sources.ArrayRecordDataSource([str(rec)])
+                n = len(src)
+            except Exception as e:  # the C++ reader raises RuntimeError with Riegeli's reason
+                raise DataError(f"{rec}: cannot open this ArrayRecord shard ({_reason(e)}); it "
+                                "is truncated or corrupted: prepare the corpus again") from None
+            if n != shard["num_records"]:
+                raise DataError(f"{rec}: holds {n} records, meta.json and {idx.name} list "
+                                f"{shard['num_records']}: prepare the corpus again")
+            self.paths.append(str(rec))
+            self.sources.append(src)
+            self.first.append(total)
+            total += n
         self.lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
         self.starts_doc = np.concatenate(starts) if starts else np.zeros(0, bool)
         self.dtype = np.dtype(meta["dtype"])
-        self.source = grain.sources.ArrayRecordDataSource(paths) if paths else None
-        got = 0 if self.source is None else len(self.source)
-        if got != len(self.lengths):
+        if total != len(self.lengths):
             raise DataError(f"{directory}: the index lists {len(self.lengths)} records, the "
-                            f"shards hold {got}")
+                            f"shards hold {total}")
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def locate(self, i: int) -> tuple[str, int]:
+        """Record i of the corpus -> (shard path, record index within the shard)."""
+        if not 0 <= i < len(self.lengths):
+            raise IndexError(f"record {i} out of range ({len(self.lengths)} records)")
+        j = bisect.bisect_right(self.first, i) - 1
+        return self.paths[j], i - self.first[j]
 
     def read(self, i: int) -> np.ndarray:
-        return np.frombuffer(self.source[i], dtype=self.dtype).astype(np.int32)
+        """Record i's tokens, int32; DataError naming the shard and record if unreadable."""
+        j = bisect.bisect_right(self.first, i) - 1
+        path, rec = self.paths[j], i - self.first[j]
+        try:
+            raw = self.sources[j][rec]
+            tokens = np.frombuffer(raw, dtype=self.dtype)
+        except Exception as e:
+            raise DataError(f"{path}: record {rec} is unreadable ({_reason(e)})") from None
+        if tokens.size != self.lengths[i]:
+            raise DataError(f"{path}: record {rec} has {tokens.size} tokens, the shard index "
+                            f"says {int(self.lengths[i])}")
+        return tokens.astype(np.int32)
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as one short line (the C++ readers' messages span lines)."""
+    text = " ".join(str(e).split())
+    return text[:240] or type(e).__name__
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

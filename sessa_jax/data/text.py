@@ -11,8 +11,11 @@ into rows of ``seq_len`` + 1 tokens with ``segment_ids``/``positions``; the last
 on (corpus, seq_len), so the pipeline's (seed, step) -> rows map holds on any host count.
 
 Bad input raises :class:`DataError` naming the file and the problem, or with
-``on_bad_file='skip'`` is listed in ``report["skipped"]``. Everything is checked when the task is
-built, on the main thread, never deep in a reader thread.
+``on_bad_file='skip'`` is listed in ``report["skipped"]``; that is checked when the task is
+built, on the main thread. A prepared directory's shards are opened and their indexes checked
+then too; a record that cannot be read later (a corrupted shard) raises a DataError naming the
+shard file, the record index in it and the row that needed it, which the pipeline turns into an
+all-pad, unscored row with ``data.on_bad_record='skip'`` (counted in ``skipped_records``).
 """
 
 from __future__ import annotations
@@ -141,7 +144,10 @@ class TextTask(Task):
         if index >= self.split_size(split):
             raise IndexError(f"text {split} row {index} out of range ({self.split_size(split)} "
                              "rows)")
-        return self.rows[split].example(index)
+        try:
+            return self.rows[split].example(index)
+        except DataError as e:  # an unreadable record: say which row needed it
+            raise DataError(f"{e}; read for text {split} row {index}") from None
 
     def pad_example(self) -> dict:
         return pad_example(self.seq_len, self.pad_id)
