@@ -86,10 +86,11 @@ def test_tokenizer_file_errors_are_one_line_naming_it(tmp_path, capsys):
             load_tokenizer(path)
         assert path in str(e.value) and needle in str(e.value) and "\n" not in str(e.value)
     from sessa_jax.train import cli
-    code = cli.train_main(["data.task=text", f"data.text.paths=[{tmp_path}/x.txt]",
+    code = cli.train_main(["--config", str(ROOT / "configs/tasks/text-sessa.yaml"),
+                           f"data.text.paths=[{tmp_path}/x.txt]",
                            f"data.text.tokenizer={tmp_path}/none.json", "--print-config"])
     err = capsys.readouterr().err
-    assert code == 2 and "none.json" in err and err.count("\n") == 1, err
+    assert code == 3 and "none.json" in err and err.count("\n") == 1, err  # a data error
 
 
 def test_config_takes_vocab_from_tokenizer_without_reading_corpus(bpe, tmp_path):
