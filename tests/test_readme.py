@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
@@ -34,9 +35,16 @@ RULES = [
     ("python scripts/generate.py", ""),
     ("sessa-export", ""),
     ("sessa-import", ""),
-    ("sessa-train --config runs/q-continued", SHORT_RUN),
+    # resumes the imported run: its data settings (the quickstart's) must stay as they are
+    ("sessa-train --config runs/q-continued", " run.steps=2 run.eval_every=0"),
     ("python scripts/plot_metrics.py", ""),
     ("python scripts/prepare_text.py", ""),
+    ("sessa-prepare --input \"corpus/", (None, "the shape of a real corpus: needs your corpus/ "
+                                                "and tok.json (the stdlib lines run it)")),
+    ("STDLIB=", ""),  # a shell variable: the walk prefixes it to the lines that use it
+    ("python scripts/train_tokenizer.py", ""),
+    ("sessa-prepare --input \"$STDLIB", ""),
+    ("sessa-train --config configs/tasks/text-stdlib.yaml", SHORT_RUN),
     ("python scripts/param_count.py", ""),
     ("python scripts/influence.py", ""),
     ("python scripts/compare.py", (None, "hours on a CPU; tests/test_compare.py runs it tiny")),
@@ -49,6 +57,7 @@ RULES = [
     ("python scripts/bench_layer.py", (None, "a GPU benchmark")),
 ]
 QUICKSTART = RULES[0][0]
+ASSIGNMENT = re.compile(r"^([A-Za-z_]\w*)=\$\(.*\)$")  # NAME=$(...): a shell variable
 
 
 def readme_commands() -> list[str]:
@@ -92,8 +101,21 @@ def clone(tmp_path_factory):
     env.pop("XLA_FLAGS", None)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    for tool in ("python", "sessa-train", "sessa-eval", "sessa-export"):
-        assert shutil.which(tool, path=env["PATH"]), f"{tool} is not installed (pip install -e .)"
+    assert shutil.which("python", path=env["PATH"]), "python is not on PATH"
+    # The console scripts of pyproject.toml, as `pip install -e .` makes them: an editable
+    # install from before an entry point was added lacks it, so make the missing ones here.
+    shims = d / ".bin"
+    shims.mkdir()
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    for tool, target in scripts.items():
+        if not shutil.which(tool, path=env["PATH"]):
+            module, func = target.split(":")
+            (shims / tool).write_text(  # the guard: spawned workers import this file
+                f"#!{sys.executable}\nimport sys\nfrom {module} import {func}\n"
+                f"if __name__ == '__main__':\n    sys.exit({func}())\n")
+            (shims / tool).chmod(0o755)
+    env["PATH"] = str(shims) + os.pathsep + env["PATH"]
     return d, env
 
 
@@ -109,25 +131,32 @@ def run_line(line: str, cwd, env) -> str:
 
 def test_readme_commands_run_as_written_after_the_quickstart(clone):
     """The quickstart first; then the other lines two at a time (they only read its run), except
-    those that need an earlier line's output (the text run needs prepare_text's corpus)."""
+    those that need an earlier line's output (the text run needs prepare_text's corpus, the
+    stdlib lines each the one before)."""
     from concurrent.futures import ThreadPoolExecutor
 
     d, env = clone
-    lines, skipped = [], []
+    lines, skipped, variables = [], [], {}
     for cmd in readme_commands():
         rule = rule_for(cmd)
         if isinstance(rule, tuple):
             skipped.append((cmd, rule[1]))
             continue
+        assign = ASSIGNMENT.match(cmd)
+        if assign:  # each line runs in its own shell: set the variable where it is used
+            variables[assign.group(1)] = cmd
+            continue
         line = cmd
         if cmd.startswith(QUICKSTART):  # the environment exists: run the last step of the line
             line = "sessa-train" + cmd[len(QUICKSTART):]
-        lines.append((cmd, line + rule))
+        used = [a for name, a in variables.items() if re.search(rf"\${name}\b", cmd)]
+        lines.append((cmd, " && ".join(used + [line + rule])))
     first, rest = lines[0], lines[1:]
     assert first[0].startswith(QUICKSTART)
     run_line(first[1], d, env)
     later = [x for x in rest if ("data/corpus" in x[0] and "prepare_text" not in x[0])
-             or "q-continued" in x[0]]  # after prepare_text / the hf export, in README order
+             or "q-continued" in x[0] or "stdlib" in x[0]]
+    # after prepare_text / the hf export; the stdlib tokenizer, corpus, run: in README order
     now = [x for x in rest if x not in later]
     with ThreadPoolExecutor(2) as pool:
         outs = dict(zip([c for c, _ in now], pool.map(lambda x: run_line(x[1], d, env), now)))
@@ -144,7 +173,8 @@ def test_readme_commands_run_as_written_after_the_quickstart(clone):
     assert example and "expected:" in example[0] and "correct" in example[0], example
     assert (d / "runs" / "quickstart" / "summary.json").exists()
     assert (d / "exported" / "config.json").exists() and (d / "curves.png").exists()
-    assert (d / "runs" / "text" / "summary.json").exists() and len(lines) >= 12, lines
+    assert (d / "runs" / "text" / "summary.json").exists() and len(lines) >= 15, lines
+    assert (d / "runs" / "text-stdlib" / "summary.json").exists()
     print(f"walked {len(lines)} README commands; not walked: {skipped}")
 
 
