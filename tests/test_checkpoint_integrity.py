@@ -86,7 +86,9 @@ def corrupt(kind: str, step_dir: str, rng: random.Random) -> None:
         path = os.path.join(step_dir, "meta", "metadata")
     else:
         files = data_files(step_dir)
-        path = files[0] if kind == "flip4" else rng.choice(files)
+        # flip4/truncate hit the largest file (the parameters, which every restore reads);
+        # OCDBT file names are random, so a random choice could land in an unread file.
+        path = files[0] if kind in ("flip4", "truncate") else rng.choice(files)
     data = bytearray(open(path, "rb").read())
     if kind == "flip4":  # four bit flips in the parameters' data
         for _ in range(4):

@@ -151,9 +151,11 @@ def test_generate_matches_jax_and_script(tmp_path):
     spec.loader.exec_module(mod)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
-        mod.main(["--checkpoint", run, "--prompt", "hi", "--greedy", "--ids", "--ignore-eos",
+        mod.main(["--checkpoint", run, "--prompt-ids", ",".join(map(str, prompt)), "--greedy",
+                  "--ids", "--ignore-eos",
                   "--max-new-tokens", str(n_new)])
-    ids = json.loads(buf.getvalue().split("ids: ")[1].splitlines()[0])
+    line = buf.getvalue().split("generated ids: ")[1].splitlines()[0]
+    ids = [int(x) for x in line.split(",")]
     assert ids == hf_new, (ids, hf_new)
 
 
