@@ -71,6 +71,38 @@ def flatten_params(params) -> dict[str, Any]:
     return {".".join(_key_name(k) for k in path): leaf for path, leaf in flat}
 
 
+def plan_shards(tensors: Mapping[str, Any], limit: int) -> list[list[str]]:
+    """Greedy split in the mapping's order; a tensor above the limit gets a shard of its own."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, a in tensors.items():
+        if shards[-1] and size + a.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += a.nbytes
+    return shards
+
+
+def remove_old_shards(out_dir: str) -> None:
+    """A re-export must not leave stale shards behind."""
+    for old in os.listdir(out_dir):
+        if old.endswith(".safetensors") or old == INDEX_NAME:
+            os.remove(os.path.join(out_dir, old))
+
+
+def mismatch_listing(missing, unexpected, bad) -> str:
+    """The missing / unexpected / wrong-shape lines of a checkpoint that does not fit a model."""
+    parts = []
+    if missing:
+        parts.append(f"missing ({len(missing)}): " + ", ".join(missing))
+    if unexpected:
+        parts.append(f"unexpected ({len(unexpected)}): " + ", ".join(unexpected))
+    if bad:
+        parts.append(f"wrong shape ({len(bad)}): " + "; ".join(bad))
+    return "\n  ".join(parts)
+
+
 # -- writing ---------------------------------------------------------------------------------------
 
 
@@ -98,20 +130,9 @@ def export_params(params, model_cfg, out_dir: str, *, dtype: str = "fp32",
             a = a.astype(np_dtype)
         tensors[name] = np.array(a, order="C")  # (ascontiguousarray makes 0-d 1-d)
 
-    # Greedy split in name order; a tensor larger than the limit gets a shard of its own.
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, a in tensors.items():
-        if shards[-1] and size + a.nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += a.nbytes
-
+    shards = plan_shards(tensors, limit)
     os.makedirs(out_dir, exist_ok=True)
-    for old in os.listdir(out_dir):  # a re-export must not leave stale shards behind
-        if old.endswith(".safetensors") or old == INDEX_NAME:
-            os.remove(os.path.join(out_dir, old))
+    remove_old_shards(out_dir)
     meta = {"format": FORMAT}
     n = len(shards)
     files = []
@@ -247,15 +268,8 @@ def load_pretrained(path: str, mesh=None, rules: Optional[Mapping] = None):
     bad = [f"{k}: expected {tuple(want[k].shape)}, got {shapes[k]}"
            for k in want if k in shapes and tuple(want[k].shape) != shapes[k]]
     if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"missing ({len(missing)}): " + ", ".join(missing))
-        if unexpected:
-            parts.append(f"unexpected ({len(unexpected)}): " + ", ".join(unexpected))
-        if bad:
-            parts.append(f"wrong shape ({len(bad)}): " + "; ".join(bad))
         raise ExportError(f"{path}: tensors do not match config.json's model\n  "
-                          + "\n  ".join(parts))
+                          + mismatch_listing(missing, unexpected, bad))
 
     if mesh is not None:
         if rules is None:

@@ -147,17 +147,10 @@ def _write_shards(tensors: Mapping[str, np.ndarray], out_dir: str, limit: int) -
     """Greedy split in table order (a tensor above the limit gets a shard of its own)."""
     from safetensors.numpy import save_file
 
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, a in tensors.items():
-        if shards[-1] and size + a.nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += a.nbytes
-    for old in os.listdir(out_dir):  # a re-export must not leave stale shards behind
-        if old.endswith(".safetensors") or old == INDEX_NAME:
-            os.remove(os.path.join(out_dir, old))
+    from sessa_jax.export.core import plan_shards, remove_old_shards
+
+    shards = plan_shards(tensors, limit)
+    remove_old_shards(out_dir)
     meta = {"format": "pt", "sessa_jax": HF_FORMAT}  # "pt": what transformers accepts
     n = len(shards)
     files, weight_map = [], {}

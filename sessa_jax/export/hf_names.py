@@ -174,12 +174,7 @@ def check_state(shapes: Mapping[str, tuple], entries: list[Entry], want: Mapping
             if tuple(shapes[e.hf]) != need:
                 bad.append(f"{e.hf}: expected {need}, got {tuple(shapes[e.hf])}")
     if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"missing ({len(missing)}): " + ", ".join(missing))
-        if unexpected:
-            parts.append(f"unexpected ({len(unexpected)}): " + ", ".join(unexpected))
-        if bad:
-            parts.append(f"wrong shape ({len(bad)}): " + "; ".join(bad))
+        from sessa_jax.export.core import mismatch_listing
+
         raise NameMismatchError(f"{what}: tensors do not match the model config\n  "
-                                + "\n  ".join(parts))
+                                + mismatch_listing(missing, unexpected, bad))
