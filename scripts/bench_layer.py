@@ -40,7 +40,8 @@ def _run_one(args) -> dict:
     key = jax.random.PRNGKey(0)
     dt = jnp.bfloat16
     res = dict(impl=args.one_impl, T=T, B=B, D=D, heads=args.heads, chunk=args.chunk,
-               segments=args.segments, inverse=args.inverse, gamma_dtype=args.gamma_dtype,
+               segments=args.segments, inverse=args.inverse, unroll=args.unroll,
+               gamma_dtype=args.gamma_dtype,
                device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
                jax=jax.__version__)
 
@@ -54,7 +55,8 @@ def _run_one(args) -> dict:
 
         def loss(q, k, g, f):
             s = feedback_solve(q, k, g, f, impl="chunked", chunk_size=args.chunk,
-                               segments=args.segments, inverse=args.inverse)
+                               segments=args.segments, inverse=args.inverse,
+                               unroll=args.unroll)
             return jnp.mean(s.astype(jnp.float32) ** 2)
 
         fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
@@ -69,7 +71,8 @@ def _run_one(args) -> dict:
             layer = SessaLayer(
                 SessaConfig(d_model=D, n_heads=args.heads, dtype="bfloat16",
                             feedback_impl=args.one_impl, chunk_size=args.chunk,
-                            feedback_segments=args.segments, feedback_inverse=args.inverse),
+                            feedback_segments=args.segments, feedback_inverse=args.inverse,
+                            feedback_unroll=args.unroll),
                 rngs=nnx.Rngs(0),
             )
         graphdef, params = nnx.split(layer)
@@ -166,6 +169,7 @@ def _sweep(args) -> list[dict]:
                "--tokens", str(args.tokens), "--d-model", str(args.d_model),
                "--heads", str(args.heads), "--chunk", str(args.chunk), "--reps", str(args.reps),
                "--segments", str(args.segments), "--inverse", args.inverse,
+               "--unroll", str(args.unroll),
                "--gamma-dtype", args.gamma_dtype]
         t0 = time.time()
         try:
@@ -223,6 +227,8 @@ def main():
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--chunk", type=int, default=256)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--unroll", type=int, default=16,
+                   help="sweeps of at most this many chunks are unrolled (feedback_unroll)")
     p.add_argument("--segments", type=int, default=8,
                    help="scans the chunked sweep is split into (causal skipping)")
     p.add_argument("--inverse", default="blocked", choices=("solve", "doubling", "blocked"),

@@ -51,6 +51,24 @@ def test_chunked_equals_dense_float64(B, T, D, chunk, sharp, gscale, x64):
         assert rel_err(a, b) <= 1e-9, (name, seed)
 
 
+@pytest.mark.parametrize("B,T,D,chunk,sharp,gscale", [CASES[0], CASES[2]])
+def test_looped_sweep_equals_dense_float64(B, T, D, chunk, sharp, gscale, x64):
+    """unroll=0: the sweep keeps its segment loops (what long sequences get) instead of one
+    inlined step per chunk (what the cases above get: they have at most 16 chunks)."""
+    seed = int(np.random.SeedSequence().generate_state(1)[0] % 2**31)
+    q, k, g, f, w = _inputs(seed, B, T, D, sharp=sharp, gamma_scale=gscale)
+
+    def loss(impl):
+        return lambda q, k, g, f: jnp.sum(
+            feedback_solve(q, k, g, f, impl=impl, chunk_size=chunk, unroll=0) * w)
+
+    vd, gd = jax.jit(jax.value_and_grad(loss("dense"), argnums=(0, 1, 2, 3)))(q, k, g, f)
+    vc, gc = jax.jit(jax.value_and_grad(loss("chunked"), argnums=(0, 1, 2, 3)))(q, k, g, f)
+    assert abs(float(vc - vd)) <= 1e-9 * abs(float(vd)), seed
+    for name, a, b in zip(("q_b", "k_b", "gamma", "f"), gc, gd):
+        assert rel_err(a, b) <= 1e-9, (name, seed)
+
+
 def test_chunked_float32_and_vmap():
     args = _inputs(5, 2, 29, 8)
     s_d, g_d = _value_and_grads("dense", 8, *args)

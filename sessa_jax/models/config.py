@@ -83,6 +83,8 @@ class SessaConfig:
     # rectangle) and how each diagonal block is inverted ("solve", "doubling", "blocked")
     feedback_segments: int = 8
     feedback_inverse: Literal["solve", "doubling", "blocked"] = "blocked"
+    # sweeps of at most this many chunks are unrolled, one chunk a step (0: never)
+    feedback_unroll: int = 16
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     # Opt-in stabiliser (issue 18): RMSNorm (learned scale, no bias) on q_b and k_b, so the
@@ -103,6 +105,10 @@ class SessaConfig:
             )
         _check_positive("chunk_size", self.chunk_size)
         _check_positive("feedback_segments", self.feedback_segments)
+        if not isinstance(self.feedback_unroll, int) or self.feedback_unroll < 0:
+            raise ValueError(
+                f"feedback_unroll={self.feedback_unroll!r}: expected an integer >= 0 (0 = never)"
+            )
         if self.feedback_inverse not in ("solve", "doubling", "blocked"):
             raise ValueError(
                 f"feedback_inverse={self.feedback_inverse!r}: expected solve, doubling or blocked"
@@ -229,6 +235,7 @@ class ModelConfig:
     feedback_qk_norm: bool = False  # RMSNorm on q_b/k_b (SessaConfig.feedback_qk_norm)
     feedback_segments: int = 8
     feedback_inverse: Literal["solve", "doubling", "blocked"] = "blocked"
+    feedback_unroll: int = 16
     # Mamba-style
     d_state: int = 16
     expand: int = 2
@@ -274,7 +281,8 @@ class ModelConfig:
                 ln_eps=self.ln_eps, feedback_impl=self.feedback_impl,
                 chunk_size=self.chunk_size, attention_impl=self.attention_impl,
                 feedback_segments=self.feedback_segments, feedback_inverse=self.feedback_inverse,
-                dtype=self.dtype, param_dtype=self.param_dtype,
+                feedback_unroll=self.feedback_unroll, dtype=self.dtype,
+                param_dtype=self.param_dtype,
                 feedback_qk_norm=self.feedback_qk_norm,
             )
         if self.family == "transformer":

@@ -102,6 +102,7 @@ class SessaMixer(CausalSelfAttention):
         s = feedback_solve(
             q_b, k_b, gamma, f, impl=cfg.feedback_impl, chunk_size=cfg.chunk_size,
             segments=cfg.feedback_segments, inverse=cfg.feedback_inverse,
+            unroll=cfg.feedback_unroll,
         )  # s in the compute dtype; the solve's statistics and carries are float32
         return (s, (k, v, k_b)) if return_state else s
 

@@ -48,7 +48,7 @@ def _acc_dtype(dtype):
 
 def feedback_solve(
     q_b, k_b, gamma, f, *, impl: Impl = "chunked", chunk_size: int = 256, segments: int = 8,
-    inverse: Inverse = "blocked",
+    inverse: Inverse = "blocked", unroll: int = 16,
 ):
     """Solve the Sessa feedback system.
 
@@ -60,6 +60,7 @@ def feedback_solve(
       chunk_size: rows per block for "chunked"; clipped to T.
       segments: scans the chunk sweep is split into (see :func:`feedback_chunked`).
       inverse: how "chunked" inverts its diagonal blocks: "solve", "doubling" or "blocked".
+      unroll: "chunked" sweeps of at most this many chunks run one chunk per step, unrolled.
     Returns:
       s: (B, T, D) in f's dtype.
     """
@@ -67,7 +68,8 @@ def feedback_solve(
         return feedback_dense(q_b, k_b, gamma, f)
     if impl == "chunked":
         return feedback_chunked(
-            q_b, k_b, gamma, f, chunk_size=chunk_size, segments=segments, inverse=inverse
+            q_b, k_b, gamma, f, chunk_size=chunk_size, segments=segments, inverse=inverse,
+            unroll=unroll,
         )
     raise ValueError(f"feedback impl={impl!r}: expected 'dense' or 'chunked'")
 
@@ -151,7 +153,7 @@ RESIDUAL_NAMES = ("feedback_s", "feedback_ctx", "feedback_lse", "feedback_inv")
 
 def feedback_chunked(
     q_b, k_b, gamma, f, *, chunk_size: int = 256, segments: int = 8,
-    inverse: Inverse = "blocked",
+    inverse: Inverse = "blocked", unroll: int = 16,
 ):
     """Blocked O(T*D)-memory solve with a custom VJP. Shapes as :func:`feedback_solve`.
 
@@ -161,6 +163,10 @@ def feedback_chunked(
     ``inverse`` picks how each C x C diagonal block is inverted inside the sweep: "solve" (a
     unit lower-triangular solve against I), "doubling" ((I+N)(I+N^2)(I+N^4)..., matmuls only)
     or "blocked" (recursive 2 x 2 blocks over 64 x 64 doubling, matmuls only, ~c^3/3 work).
+    A sweep of at most ``unroll`` chunks gets one segment per chunk instead: one-trip loops,
+    which XLA inlines, so the sweep is unrolled, slices are static and causal skipping is
+    exact per chunk (H200, T=8192, c=2048: 4.65 -> 4.3 ms fwd+bwd). Larger sweeps keep the
+    loops so that compile time and HLO size stay flat in T.
     """
     B, T, D = f.shape
     c = max(1, min(int(chunk_size), T))
@@ -176,9 +182,12 @@ def feedback_chunked(
             f"feedback inverse={inverse!r}: expected 'solve', 'doubling' or 'blocked'"
         )
     n = tp // c
-    # At least two chunks a segment: XLA inlines one-trip loops, and the inlined steps kept
-    # ~3x the temp memory on CPU (jax 0.10.2; T=512, c=64, 8 one-step segments).
-    nseg = max(1, min(int(segments), n // 2))
+    if n <= int(unroll):
+        nseg = n
+    else:
+        # At least two chunks a segment: XLA inlines one-trip loops, and the inlined steps
+        # kept ~3x the temp memory on CPU (jax 0.10.2; T=512, c=64, 8 one-step segments).
+        nseg = max(1, min(int(segments), n // 2))
     edges = tuple(round(n * i / nseg) for i in range(nseg + 1))  # chunk index boundaries
     s = _chunked_solve(q_b, k_b, gamma, f, c, edges, inverse)
     return s[:, :T]
