@@ -227,7 +227,7 @@ def main():
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--chunk", type=int, default=256)
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--unroll", type=int, default=16,
+    p.add_argument("--unroll", type=int, default=8,
                    help="sweeps of at most this many chunks are unrolled (feedback_unroll)")
     p.add_argument("--segments", type=int, default=8,
                    help="scans the chunked sweep is split into (causal skipping)")

@@ -54,7 +54,7 @@ def test_chunked_equals_dense_float64(B, T, D, chunk, sharp, gscale, x64):
 @pytest.mark.parametrize("B,T,D,chunk,sharp,gscale", [CASES[0], CASES[2]])
 def test_looped_sweep_equals_dense_float64(B, T, D, chunk, sharp, gscale, x64):
     """unroll=0: the sweep keeps its segment loops (what long sequences get) instead of one
-    inlined step per chunk (what the cases above get: they have at most 16 chunks)."""
+    inlined step per chunk (what the cases above get: they have at most 8 chunks)."""
     seed = int(np.random.SeedSequence().generate_state(1)[0] % 2**31)
     q, k, g, f, w = _inputs(seed, B, T, D, sharp=sharp, gamma_scale=gscale)
 

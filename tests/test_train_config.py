@@ -53,6 +53,12 @@ def test_model_given_as_a_file(tmp_path):
     assert (cfg.model.family, cfg.model.d_model, cfg.model.n_layers) == ("transformer", 32, 1)
     assert "model file 'nope.yaml' not found" in error_of(path=write(
         tmp_path, {**TINY, "model": "nope.yaml"}, "bad.yaml"))
+    # a file plus execution knobs: the mapping's fields win over the file's
+    cfg = load_config(write(tmp_path, {**TINY, "model": {"base": "models/m.yaml",
+                                                        "n_layers": 3, "remat": "full"}}),
+                      ["model.d_model=16"])
+    assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.remat) == (16, 3, "full")
+    assert "model.base: expected a model file path" in error_of(raw={**TINY, "model": {"base": 1}})
 
 
 @pytest.mark.parametrize("overrides, message", [

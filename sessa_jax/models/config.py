@@ -84,7 +84,7 @@ class SessaConfig:
     feedback_segments: int = 8
     feedback_inverse: Literal["solve", "doubling", "blocked"] = "blocked"
     # sweeps of at most this many chunks are unrolled, one chunk a step (0: never)
-    feedback_unroll: int = 16
+    feedback_unroll: int = 8
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     # Opt-in stabiliser (issue 18): RMSNorm (learned scale, no bias) on q_b and k_b, so the
@@ -235,7 +235,7 @@ class ModelConfig:
     feedback_qk_norm: bool = False  # RMSNorm on q_b/k_b (SessaConfig.feedback_qk_norm)
     feedback_segments: int = 8
     feedback_inverse: Literal["solve", "doubling", "blocked"] = "blocked"
-    feedback_unroll: int = 16
+    feedback_unroll: int = 8
     # Mamba-style
     d_state: int = 16
     expand: int = 2

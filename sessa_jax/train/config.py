@@ -10,7 +10,8 @@ only; the loader walks the dataclass type hints, so every key is checked against
 - bad value:    the dataclass's own ``__post_init__`` message, prefixed with its path.
 
 ``model`` may also be a string: the path of a flat ModelConfig YAML (``configs/models/*.yaml``),
-resolved relative to the including file, then to the working directory. ``model.vocab_size``
+resolved relative to the including file, then to the working directory; or a mapping with
+``base: <that path>`` and fields that override the file's. ``model.vocab_size``
 0 or omitted takes the task's vocabulary size — for text the tokenizer's, padded up to a
 multiple of 128 (``padded_vocab``; read from the tokenizer file, the corpus is not touched:
 the task is built when training starts, see :func:`task_for`). Every problem raises
@@ -503,6 +504,13 @@ def from_dict(raw: Mapping, base_dir: str = ".", check_task: bool = True) -> Tra
     model_raw = raw.get("model", {})
     if isinstance(model_raw, str):
         model_raw = _model_file(model_raw, base_dir)
+    elif isinstance(model_raw, Mapping) and "base" in model_raw:
+        # {base: model file, field: value, ...}: a sized model file plus execution knobs
+        # (chunk_size, remat, ...) that the file, made by scripts/param_count.py, leaves out.
+        extra = {k: v for k, v in model_raw.items() if k != "base"}
+        if not isinstance(model_raw["base"], str):
+            raise ConfigError(f"model.base: expected a model file path, got {model_raw['base']!r}")
+        model_raw = {**_model_file(model_raw["base"], base_dir), **extra}
     if model_raw is None:
         model_raw = {}
     if not isinstance(model_raw, dict):
