@@ -434,7 +434,7 @@ def _chunked_bwd(c, edges, inverse, res, g_s):
             # alpha^T block: rows = keys j of this chunk, columns = queries t >= r0.
             scores_t = jnp.einsum("bjd,btd->bjt", k_c, q_seg, preferred_element_type=acc) * scale
             seg_j = None if seg is None else jax.lax.dynamic_slice_in_dim(seg, start, c, axis=1)
-            valid = jnp.swapaxes(visible(rows, cols_j, seg_rows, seg_j, strict=True), -1, -2)
+            valid = visible(rows, cols_j, seg_rows, seg_j, strict=True, keys_first=True)
             alpha_t = jnp.where(valid, jnp.exp(scores_t - lse_seg[:, None, :]), 0.0)
             # d_o is zero on rows not yet solved, so this reads later chunks only.
             rhs = gs_c + jnp.einsum(

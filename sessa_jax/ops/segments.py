@@ -23,13 +23,20 @@ import jax
 import jax.numpy as jnp
 
 
-def visible(rows, cols, seg_rows=None, seg_cols=None, *, strict: bool = False):
+def visible(rows, cols, seg_rows=None, seg_cols=None, *, strict: bool = False,
+            keys_first: bool = False):
     """Whether key ``cols[j]`` is visible to query ``rows[i]``.
 
     rows (R,), cols (C,) int positions; seg_rows (B, R), seg_cols (B, C) their segment ids, or
     None. Returns bool (R, C) without segment ids, else (B, R, C): cols <= rows (cols < rows
-    when ``strict``) and, with ids, the same segment.
+    when ``strict``) and, with ids, the same segment. ``keys_first``: the transposed layout,
+    (C, R) or (B, C, R), for backward passes that walk key blocks.
     """
+    if keys_first:
+        causal = rows[None, :] > cols[:, None] if strict else rows[None, :] >= cols[:, None]
+        if seg_rows is None:
+            return causal
+        return causal[None] & (seg_cols[:, :, None] == seg_rows[:, None, :])
     causal = cols[None, :] < rows[:, None] if strict else cols[None, :] <= rows[:, None]
     if seg_rows is None:
         return causal
