@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     from sessa_jax.train.mesh import batch_spec, check_batch, describe, make_mesh
     from sessa_jax.train.metrics import flops_per_token, param_count, peak_flops
     from sessa_jax.train.state import abstract_with_shardings, make_setup
-    from sessa_jax.train.step import make_train_step
+    from sessa_jax.train.step import abstract_batch, make_train_step
 
     try:
         mesh = make_mesh(cfg.mesh, devices=devices)
@@ -133,9 +133,7 @@ def main(argv=None) -> int:
     step_fn = make_train_step(cfg, setup)
     state = abstract_with_shardings(setup)
     bsh = NamedSharding(mesh, batch_spec(cfg.mesh.sharding_rules()))
-    batch = {"inputs": jax.ShapeDtypeStruct((G, T), jnp.int32, sharding=bsh),
-             "targets": jax.ShapeDtypeStruct((G, T), jnp.int32, sharding=bsh),
-             "loss_mask": jax.ShapeDtypeStruct((G, T), jnp.float32, sharding=bsh)}
+    batch = abstract_batch(cfg, bsh)  # with segment_ids for text, as the data pipeline gives
     lowered = step_fn.lower(state, batch)
     t1 = time.time()
     try:

@@ -83,13 +83,19 @@ from sessa_jax.ops.attention import attention_reference, splash_attention
 mesh = Mesh(np.array(jax.devices()).reshape(2, 1, 2), ("data", "fsdp", "tensor"))
 ks = jax.random.split(jax.random.key(0), 3)
 T = 130
+# segment ids (split over data like the batch) with the second case: row 0 two documents
+seg = jnp.asarray(np.stack([np.repeat([1, 2], [70, T - 70]), np.ones(T)]).astype(np.int32))
 for hkv in (2, 1):  # kv heads split over tensor, and too few to split (repeated)
     q = jax.random.normal(ks[0], (2, T, 4, 16)); k, v = (jax.random.normal(x, (2, T, hkv, 16)) for x in ks[1:])
+    ids = None if hkv == 2 else seg
     def f(q, k, v):
         with activation_sharding(mesh, DEFAULT_RULES):
-            return splash_attention(q, k, v, interpret=True)
+            return splash_attention(q, k, v, interpret=True, segment_ids=ids)
     got = jax.jit(f)(q, k, v)
-    want = attention_reference(q, k, v, jnp.tril(jnp.ones((T, T), bool)))
+    mask = jnp.tril(jnp.ones((T, T), bool))
+    if ids is not None:
+        mask = mask & (ids[:, None, :, None] == ids[:, None, None, :])
+    want = attention_reference(q, k, v, mask)
     err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
     assert err < 1e-5, (hkv, err)
     hlo = jax.jit(f).lower(q, k, v).as_text()

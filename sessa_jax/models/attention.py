@@ -14,6 +14,7 @@ from sessa_jax.models.layers import layer_norm, linear
 from sessa_jax.models.partitioning import constrain
 from sessa_jax.ops.attention import cached_attention, causal_attention
 from sessa_jax.ops.rope import apply_rope
+from sessa_jax.ops.segments import segment_positions
 
 
 @struct.dataclass
@@ -90,10 +91,17 @@ class CausalSelfAttention(nnx.Module):
         o = o.reshape(B, T, self.acfg.d_model)
         return self.out_proj(o) if self.out_proj is not None else o
 
-    def attend(self, x, *, return_kv: bool = False):
-        """Full causal sequence. x (B, T, D) -> (B, T, D) [, (k, v) for a cache]."""
-        q, k, v = self.qkv(x, jnp.arange(x.shape[1]))
-        o = self.merge_heads(causal_attention(q, k, v, impl=self.acfg.attention_impl))
+    def attend(self, x, *, segment_ids=None, return_kv: bool = False):
+        """Full causal sequence. x (B, T, D) -> (B, T, D) [, (k, v) for a cache].
+
+        segment_ids (B, T) int or None: attention stays inside each segment and RoPE
+        positions restart at 0 at every segment start.
+        """
+        positions = (jnp.arange(x.shape[1]) if segment_ids is None
+                     else segment_positions(segment_ids))
+        q, k, v = self.qkv(x, positions)
+        o = causal_attention(q, k, v, impl=self.acfg.attention_impl, segment_ids=segment_ids)
+        o = self.merge_heads(o)
         return (o, (k, v)) if return_kv else o
 
     def attend_cached(self, x_t, k_cache, v_cache, pos):
@@ -113,8 +121,9 @@ class AttentionBlock(nnx.Module):
                              param_dtype=cfg.param_dtype, rngs=rngs)
         self.attn = CausalSelfAttention(cfg, rngs=rngs)
 
-    def __call__(self, x):
-        return x + self.attn.attend(self.ln(x))
+    def __call__(self, x, segment_ids=None):
+        """x (B, T, D), segment_ids (B, T) int or None -> (B, T, D)."""
+        return x + self.attn.attend(self.ln(x), segment_ids=segment_ids)
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> AttentionCache:
         cfg = self.cfg

@@ -60,8 +60,9 @@ class Block(nnx.Module):
         self.mixer = _MIXERS[cfg.family](cfg.block_config(), rngs=rngs)
         self.mlp = MLPBlock(cfg, rngs=rngs) if cfg.mlp_hidden else None
 
-    def __call__(self, x):
-        x = self.mixer(x)
+    def __call__(self, x, segment_ids=None):
+        """x (B, T, D), segment_ids (B, T) int or None -> (B, T, D)."""
+        x = self.mixer(x, segment_ids)
         return self.mlp(x) if self.mlp is not None else x
 
     def init_cache(self, batch_size: int, max_len: int):
@@ -81,6 +82,12 @@ class DecoderLM(nnx.Module):
 
     ``model(tokens)`` -> logits (B, T, V) in float32. ``model.classify(tokens, index)`` ->
     (B, num_classes) class logits read at position ``index`` (B,).
+
+    ``model(tokens, segment_ids=seg)``: packed rows, seg (B, T) int (one id per document, see
+    :mod:`sessa_jax.ops.segments`): every family keeps each document to itself (attention and
+    the feedback solve within the segment, RoPE positions and the Mamba state restarting at
+    its start), so each document's outputs are those of the document run alone.
+    Decoding (prefill / decode_step) is one document per row.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -101,15 +108,16 @@ class DecoderLM(nnx.Module):
 
     # -- training / scoring --------------------------------------------------------------
 
-    def hidden(self, tokens):
-        """tokens (B, T) int -> final hidden states (B, T, D), after the final LayerNorm."""
+    def hidden(self, tokens, segment_ids=None):
+        """tokens (B, T) int, segment_ids (B, T) int or None -> final hidden states (B, T, D),
+        after the final LayerNorm."""
         x = constrain(self.embed(tokens), _RESIDUAL)
         policy = _REMAT_POLICIES.get(self.cfg.remat, "none")
         for block in self.blocks:
             if self.cfg.remat == "none":
-                x = block(x)
+                x = block(x, segment_ids)
             else:
-                x = nnx.remat(lambda b, h: b(h), policy=policy)(block, x)
+                x = nnx.remat(lambda b, h, s: b(h, s), policy=policy)(block, x, segment_ids)
             x = constrain(x, _RESIDUAL)
         return self.ln_f(x)
 
@@ -178,8 +186,9 @@ class DecoderLM(nnx.Module):
         unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(B, n * c)[:, :T]  # (n, B, c): small
         return unchunk(nll), (None if pred is None else unchunk(pred))
 
-    def __call__(self, tokens):
-        return self.logits(self.hidden(tokens))
+    def __call__(self, tokens, segment_ids=None):
+        """tokens (B, T) int, segment_ids (B, T) int or None -> logits (B, T, V) float32."""
+        return self.logits(self.hidden(tokens, segment_ids))
 
     def classify(self, tokens, index):
         """Class logits (B, num_classes) read at positions ``index`` (B,)."""

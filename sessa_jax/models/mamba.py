@@ -36,6 +36,7 @@ from flax import nnx, struct
 from sessa_jax.models.config import MambaConfig, to_dtype
 from sessa_jax.models.layers import layer_norm, linear, logical, torch_uniform
 from sessa_jax.models.partitioning import constrain
+from sessa_jax.ops.segments import segment_positions
 from sessa_jax.ops.ssm import selective_scan, selective_scan_step
 
 _DT_INIT_FLOOR = 1e-4  # Mamba's dt_init_floor
@@ -111,16 +112,22 @@ class MambaBlock(nnx.Module):
         """Scan / SSM-state dtype: float32, or float64 when the compute dtype is float64."""
         return jnp.dtype(jnp.float64 if self._dtype == jnp.float64 else jnp.float32)
 
-    def _conv(self, xp: jax.Array, T: int) -> jax.Array:
+    def _conv(self, xp: jax.Array, T: int, positions=None) -> jax.Array:
         """Causal depthwise conv. xp (B, K-1+T, E): K-1 history inputs then T new ones -> (B,T,E).
 
         out_t = bias + sum_k w[k] * xp[t + k], i.e. taps over inputs t-K+1 .. t (k = K-1 newest).
+        positions (B, T) int or None: each token's offset in its segment; a tap reaching
+        further back than that (into the previous document) reads zero instead.
         """
         K = self.cfg.d_conv
         w = self.conv_kernel[...].astype(self._dtype)
         out = self.conv_bias[...].astype(self._dtype)
         for k in range(K):  # K is small (4): K shifted multiply-adds beat a generic conv here
-            out = out + w[k] * xp[:, k : k + T]
+            tap = xp[:, k : k + T]
+            lag = K - 1 - k
+            if positions is not None and lag:
+                tap = jnp.where((positions >= lag)[..., None], tap, 0)
+            out = out + w[k] * tap
         return out
 
     def _ssm_params(self, xc: jax.Array, sdt):
@@ -134,9 +141,11 @@ class MambaBlock(nnx.Module):
         dt = jax.nn.softplus(dt.astype(sdt) + self.dt_proj.bias[...].astype(sdt))
         return dt, Bm.astype(sdt), Cm.astype(sdt)
 
-    def _mix_seq(self, u, conv_state, h0, mask):
+    def _mix_seq(self, u, conv_state, h0, mask, segment_ids=None):
         """Mixer over a sequence. u (B, T, D) normed input; conv_state (B, K-1, E) or None (zeros);
-        h0 (B, E, N) or None; mask (B, T) bool or None (False: pad, the state does not advance).
+        h0 (B, E, N) or None; mask (B, T) bool or None (False: pad, the state does not advance);
+        segment_ids (B, T) int or None: the conv and the state restart at every segment start
+        (full-sequence calls only, which have no history).
 
         Returns out (B, T, D), xp (B, K-1+T, E) the conv input with history, and the final state.
         """
@@ -148,7 +157,8 @@ class MambaBlock(nnx.Module):
         if conv_state is None:
             conv_state = jnp.zeros((B, K - 1, E), x.dtype)
         xp = jnp.concatenate([conv_state.astype(x.dtype), x], axis=1)
-        xc = jax.nn.silu(self._conv(xp, T))
+        positions = None if segment_ids is None else segment_positions(segment_ids)
+        xc = jax.nn.silu(self._conv(xp, T, positions))
         sdt = self._sdt
         dt, Bm, Cm = self._ssm_params(xc, sdt)
         if mask is not None:
@@ -156,16 +166,16 @@ class MambaBlock(nnx.Module):
         A = -jnp.exp(self.A_log[...].astype(sdt))
         y, hT = selective_scan(
             xc, dt, A, Bm, Cm, self.D[...].astype(sdt), h0, impl=self.cfg.scan_impl,
-            chunk_size=self.cfg.chunk_size,
+            chunk_size=self.cfg.chunk_size, segment_ids=segment_ids,
         )
         y = y * jax.nn.silu(z.astype(sdt))
         return self.out_proj(y.astype(self._dtype)), xp, hT
 
     # ------------------------------------------------------------------ public API
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Full sequence: x (B, T, D) -> (B, T, D)."""
-        out, _, _ = self._mix_seq(self.norm(x), None, None, None)
+    def __call__(self, x: jax.Array, segment_ids: Optional[jax.Array] = None) -> jax.Array:
+        """Full sequence: x (B, T, D), segment_ids (B, T) int or None -> (B, T, D)."""
+        out, _, _ = self._mix_seq(self.norm(x), None, None, None, segment_ids)
         return x + out.astype(x.dtype)
 
     def init_cache(self, batch_size: int, max_len: int) -> MambaCache:

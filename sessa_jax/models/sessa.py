@@ -93,16 +93,20 @@ class SessaMixer(CausalSelfAttention):
         gamma = jnp.asarray(self.cfg.gamma_max, acc) * jnp.tanh(z)
         return constrain(q_b, _ROWS), constrain(k_b, _ROWS), constrain(gamma, _ROWS[:2])
 
-    def __call__(self, a, *, return_state: bool = False):
-        """a: (B, T, D) -> s: (B, T, D). With return_state, also the values a cache holds."""
-        f, (k, v) = self.attend(a, return_kv=True)
+    def __call__(self, a, *, segment_ids=None, return_state: bool = False):
+        """a: (B, T, D) -> s: (B, T, D). With return_state, also the values a cache holds.
+
+        segment_ids (B, T) int or None: both branches stay inside each segment (the feedback
+        system is block diagonal; RoPE restarts per segment).
+        """
+        f, (k, v) = self.attend(a, segment_ids=segment_ids, return_kv=True)
         f = constrain(f, _ROWS)
         q_b, k_b, gamma = self._feedback_inputs(a)
         cfg = self.cfg
         s = feedback_solve(
             q_b, k_b, gamma, f, impl=cfg.feedback_impl, chunk_size=cfg.chunk_size,
             segments=cfg.feedback_segments, inverse=cfg.feedback_inverse,
-            unroll=cfg.feedback_unroll,
+            unroll=cfg.feedback_unroll, segment_ids=segment_ids,
         )  # s in the compute dtype; the solve's statistics and carries are float32
         return (s, (k, v, k_b)) if return_state else s
 
@@ -139,9 +143,10 @@ class SessaLayer(nnx.Module):
         a, g = jnp.split(self.W_in(self.ln(x)), 2, axis=-1)
         return constrain(jax.nn.gelu(a, approximate=False), _ROWS), constrain(g, _ROWS)
 
-    def __call__(self, x):
+    def __call__(self, x, segment_ids=None):
+        """x (B, T, D), segment_ids (B, T) int or None -> (B, T, D)."""
         a, g = self._pre(x)
-        return x + self.W_out(self.mixer(a) * g)
+        return x + self.W_out(self.mixer(a, segment_ids=segment_ids) * g)
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> SessaCache:
         """An empty cache for ``batch_size`` rows of up to ``max_len`` tokens."""

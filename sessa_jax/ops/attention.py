@@ -19,6 +19,11 @@ baseline and Sessa's forward branch both call it). ``impl`` picks the backend:
   (B, H, T, T) float32 logits: a baseline for benchmarks, never the default.
 
 Query head h reads key/value head h // (H / Hkv) in every backend.
+
+``segment_ids`` (B, T) int (packed documents, :mod:`sessa_jax.ops.segments`): query t reads
+key j only if j <= t and seg[j] == seg[t]. Every backend takes them: blocked and the reference
+mask their tiles, splash gets ``SegmentIds``, "xla" a (B, 1, T, T) mask; cuDNN does not (see
+:func:`causal_attention`). ``segment_ids=None`` compiles exactly the unsegmented program.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from typing import Literal, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from sessa_jax.ops.segments import visible
 
 AttentionImpl = Literal["auto", "splash", "cudnn", "blocked", "xla"]
 ATTENTION_IMPLS = ("auto", "splash", "cudnn", "blocked", "xla")
@@ -91,11 +98,19 @@ def _tpu_possible() -> bool:
     return importlib.util.find_spec("libtpu") is not None or jax.default_backend() == "tpu"
 
 
-def causal_attention(q, k, v, *, impl: str = "auto"):
-    """Causal attention, diagonal included.
+def causal_attention(q, k, v, *, impl: str = "auto", segment_ids=None):
+    """Causal attention, diagonal included, optionally within segments.
 
     q: (B, T, H, d); k, v: (B, T, Hkv, d) with H % Hkv == 0 -> (B, T, H, d) in q's dtype.
+    segment_ids: optional (B, T) int; query t then reads keys j <= t with seg[j] == seg[t].
+
+    cuDNN with segment ids runs the blocked path instead: jax's cuDNN attention (0.10) takes
+    no segment ids, only a dense mask (turned into a (B, 1, T, T) bias whose gradient its
+    backward always computes: O(T^2) memory) or a packed-offsets layout with a static
+    segment count per row (a private API); neither is a flash path for packed rows.
     """
+    if segment_ids is not None:
+        return _segmented(q, k, v, segment_ids, impl)
     if q.dtype == jnp.float64 and impl in ("auto", "xla"):
         T = q.shape[1]
         return attention_reference(q, k, v, jnp.tril(jnp.ones((T, T), bool)))
@@ -116,6 +131,34 @@ def causal_attention(q, k, v, *, impl: str = "auto"):
     if cudnn_supports(q.dtype, q.shape[-1]) is None and _cuda_present():
         branches["cuda"] = _cudnn
     return jax.lax.platform_dependent(q, k, v, default=blocked_attention, **branches)
+
+
+def _segment_mask(segment_ids):
+    """(B, T) ids -> (B, 1, T, T) bool: causal and same segment (for the dense paths)."""
+    t = jnp.arange(segment_ids.shape[1])
+    return visible(t, t, segment_ids, segment_ids)[:, None]
+
+
+def _segmented(q, k, v, seg, impl):
+    """:func:`causal_attention` with segment ids: the same dispatch, each backend masked."""
+    if q.dtype == jnp.float64 and impl in ("auto", "xla"):
+        return attention_reference(q, k, v, _segment_mask(seg))
+    if impl == "xla":
+        return jax.nn.dot_product_attention(q, k, v, mask=_segment_mask(seg), is_causal=True,
+                                            implementation="xla")
+    if impl == "splash":
+        return jax.lax.platform_dependent(
+            q, k, v, seg, tpu=lambda q, k, v, s: splash_attention(q, k, v, segment_ids=s)
+        )
+    if impl != "auto":  # "cudnn" checks its inputs as without segments, then runs blocked
+        check_attention_impl(impl, head_dim=q.shape[-1], dtype=q.dtype)
+    blocked = lambda q, k, v, s: blocked_attention(q, k, v, segment_ids=s)
+    if impl in ("blocked", "cudnn"):
+        return blocked(q, k, v, seg)
+    branches = {}
+    if _tpu_possible():
+        branches["tpu"] = lambda q, k, v, s: splash_attention(q, k, v, segment_ids=s)
+    return jax.lax.platform_dependent(q, k, v, seg, default=blocked, **branches)
 
 
 def _cudnn(q, k, v):
@@ -166,29 +209,44 @@ def _acc_dtype(dtype):
     return jnp.float64 if dtype == jnp.float64 else jnp.float32
 
 
-def blocked_attention(q, k, v, *, block_size: int = BLOCK):
+def blocked_attention(q, k, v, *, block_size: int = BLOCK, segment_ids=None):
     """Causal attention by query and key blocks with an online softmax and a custom VJP.
 
     Shapes as :func:`causal_attention`. Query block i visits key blocks 0..i only (exact causal
     skipping); the backward pass recomputes each tile's probabilities from the saved row
     log-normalisers. Memory O(T * (d + block)) forward and backward, never (T, T). Matmul
     operands stay in the input dtype; scores, statistics and accumulators are float32
-    (float64 for float64 inputs).
+    (float64 for float64 inputs). ``segment_ids`` (B, T) int or None: every tile's causal
+    mask is also restricted to the own segment.
     """
     B, T, H, d = q.shape
     c = max(1, min(int(block_size), T))
     tp = -(-T // c) * c
     if tp != T:
         # Pads sit after every real row, so causality keeps them out of real outputs; their
-        # own rows are sliced off, and the zero upstream gradient there adds nothing.
+        # own rows are sliced off, and the zero upstream gradient there adds nothing. (A pad
+        # row always sees itself, whatever its segment id.)
         pad = ((0, 0), (0, tp - T), (0, 0), (0, 0))
         q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
-    return _blocked(q, k, v, c)[:, :T]
+        if segment_ids is not None:
+            segment_ids = jnp.pad(segment_ids, ((0, 0), (0, tp - T)), constant_values=-1)
+    return _blocked(q, k, v, segment_ids, c)[:, :T]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _blocked(q, k, v, c):
-    return _blocked_forward(q, k, v, c)[0]
+# seg (B, Tp) int or None is a regular argument (it may be traced); its cotangent is None.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blocked(q, k, v, seg, c):
+    return _blocked_forward(q, k, v, seg, c)[0]
+
+
+def _tile_mask(rows, cols, seg, i, j, c):
+    """Visibility of key block j to query block i: (c, c), or (B, 1, 1, c, c) with ids
+    (broadcast over the (B, Hkv, R, q, k) score tile)."""
+    if seg is None:
+        return visible(rows, cols)
+    seg_i = jax.lax.dynamic_slice_in_dim(seg, i * c, c, axis=1)
+    seg_j = jax.lax.dynamic_slice_in_dim(seg, j * c, c, axis=1)
+    return visible(rows, cols, seg_i, seg_j)[:, None, None]
 
 
 def _group(q, k):
@@ -198,7 +256,7 @@ def _group(q, k):
     return q.reshape(B, T, hkv, H // hkv, d)
 
 
-def _blocked_forward(q, k, v, c):
+def _blocked_forward(q, k, v, seg, c):
     """Returns o (B, Tp, H, d) in q's dtype and lse (B, Hkv, R, Tp) in the accumulator dtype."""
     B, tp, H, d = q.shape
     acc = _acc_dtype(q.dtype)
@@ -213,10 +271,15 @@ def _blocked_forward(q, k, v, c):
 
         def kv_step(j, carry):
             m, l, o = carry
+            if seg is not None:
+                # Key blocks from the diagonal one down: that block holds every row's own key,
+                # so m is finite after the first step (block 0 may hold no key of a row's
+                # segment, and an all -inf first step would make exp(-inf - -inf) NaN).
+                j = i - j
             k_j = jax.lax.dynamic_slice_in_dim(k, j * c, c, axis=1)
             v_j = jax.lax.dynamic_slice_in_dim(v, j * c, c, axis=1)
             s = jnp.einsum("bqgrd,bkgd->bgrqk", q_i, k_j, preferred_element_type=acc) * scale
-            s = jnp.where(j * c + jnp.arange(c)[None, :] <= rows[:, None], s, -jnp.inf)
+            s = jnp.where(_tile_mask(rows, j * c + jnp.arange(c), seg, i, j, c), s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
@@ -227,7 +290,8 @@ def _blocked_forward(q, k, v, c):
 
         init = (jnp.full((B, hkv, r, c), -jnp.inf, acc), jnp.zeros((B, hkv, r, c), acc),
                 jnp.zeros((B, hkv, r, c, d), acc))
-        # Key block 0 holds column 0, visible to every row, so m is finite after the first step.
+        # Key block 0 holds column 0, visible to every row, so m is finite after the first step
+        # (with segment ids the blocks run in reverse, see kv_step).
         m, l, o = jax.lax.fori_loop(0, i + 1, kv_step, init)
         o = (o / l[..., None]).astype(q.dtype)
         return None, (jnp.moveaxis(o, 3, 1), m + jnp.log(l))  # (B, c, Hkv, R, d), (B, Hkv, R, c)
@@ -238,9 +302,9 @@ def _blocked_forward(q, k, v, c):
     return o, lse
 
 
-def _blocked_fwd(q, k, v, c):
-    o, lse = _blocked_forward(q, k, v, c)
-    return o, (q, k, v, o, lse)
+def _blocked_fwd(q, k, v, seg, c):
+    o, lse = _blocked_forward(q, k, v, seg, c)
+    return o, (q, k, v, seg, o, lse)
 
 
 def _blocked_bwd(c, res, do):
@@ -249,7 +313,7 @@ def _blocked_bwd(c, res, do):
     With P = exp(S - lse): dV = P^T dO;  dS = P * (dO V^T - delta), delta_t = dO_t . O_t;
     dQ = dS K / sqrt(d);  dK = dS^T Q / sqrt(d).
     """
-    q, k, v, o, lse = res
+    q, k, v, seg, o, lse = res
     B, tp, H, d = q.shape
     acc = _acc_dtype(q.dtype)
     scale = 1.0 / math.sqrt(d)
@@ -270,8 +334,8 @@ def _blocked_bwd(c, res, do):
             lse_i = jax.lax.dynamic_slice_in_dim(lse, i * c, c, axis=3)
             delta_i = jax.lax.dynamic_slice_in_dim(delta, i * c, c, axis=3)
             s = jnp.einsum("bqgrd,bkgd->bgrqk", q_i, k_j, preferred_element_type=acc) * scale
-            visible = cols[None, :] <= (i * c + jnp.arange(c))[:, None]
-            p = jnp.where(visible, jnp.exp(s - lse_i[..., None]), 0.0)
+            seen = _tile_mask(i * c + jnp.arange(c), cols, seg, i, j, c)
+            p = jnp.where(seen, jnp.exp(s - lse_i[..., None]), 0.0)
             dv = dv + jnp.einsum("bgrqk,bqgrd->bkgd", p.astype(do.dtype), do_i,
                                  preferred_element_type=acc)
             dp = jnp.einsum("bqgrd,bkgd->bgrqk", do_i, v_j, preferred_element_type=acc)
@@ -295,7 +359,7 @@ def _blocked_bwd(c, res, do):
         return jnp.moveaxis(x, 0, 1).reshape(B, tp, hkv, d)
 
     return (dq.reshape(B, tp, H, d).astype(q.dtype), unblock(dk).astype(k.dtype),
-            unblock(dv).astype(v.dtype))
+            unblock(dv).astype(v.dtype), None)
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
@@ -354,13 +418,21 @@ def _splash_kernel(tp: int, heads: int, blk: int, interpret: bool):
         return sa.make_splash_mha_single_device(mask, block_sizes=bs, interpret=interpret)
 
 
-def _splash_local(q, k, v, *, interpret: bool):
-    """Splash on one device's shard. q: (B, Tp, H, d), k, v: (B, Tp, Hkv, d), Tp padded."""
+def _splash_local(q, k, v, seg=None, *, interpret: bool):
+    """Splash on one device's shard. q: (B, Tp, H, d), k, v: (B, Tp, Hkv, d), seg (B, Tp) int
+    or None, Tp padded."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
     tp, H = q.shape[1], q.shape[2]
     blk, _ = _splash_blocks(tp)
     kernel = _splash_kernel(tp, H, blk, interpret)
     heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # (B, heads, Tp, d): one example per call
-    o = jax.vmap(kernel)(heads_first(q), heads_first(k), heads_first(v))
+    q, k, v = heads_first(q), heads_first(k), heads_first(v)
+    if seg is None:
+        o = jax.vmap(kernel)(q, k, v)
+    else:  # the static causal mask and-ed with the ids' block-diagonal one, per example
+        o = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sa.SegmentIds(q=s, kv=s)))(
+            q, k, v, seg)
     return jnp.swapaxes(o, 1, 2)
 
 
@@ -371,14 +443,15 @@ def _mesh_size(mesh, axes) -> int:
     return int(np.prod([mesh.shape[a] for a in axes]))
 
 
-def splash_attention(q, k, v, *, interpret: bool = False):
+def splash_attention(q, k, v, *, interpret: bool = False, segment_ids=None):
     """Causal attention through Pallas splash attention (TPU; ``interpret=True`` runs anywhere).
 
-    Shapes as :func:`causal_attention`. T is padded to a multiple of the block (a multiple of
+    Shapes as :func:`causal_attention`; ``segment_ids`` (B, T) int or None goes to the kernel
+    as ``SegmentIds``. T is padded to a multiple of the block (a multiple of
     128); splash takes no softmax scale, so q is scaled first. Inside
     :func:`sessa_jax.models.partitioning.activation_sharding` the kernel runs under
-    ``shard_map`` over the mesh axes that the batch and head names map to; outside any mesh
-    (plain ``jit`` on one chip) it is called directly.
+    ``shard_map`` over the mesh axes that the batch and head names map to (the ids split like
+    the batch); outside any mesh (plain ``jit`` on one chip) it is called directly.
     """
     from sessa_jax.models.partitioning import active_mesh, logical_to_mesh
 
@@ -387,11 +460,14 @@ def splash_attention(q, k, v, *, interpret: bool = False):
     if tp != T:
         pad = ((0, 0), (0, tp - T), (0, 0), (0, 0))  # exact under the causal mask, as above
         q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
+        if segment_ids is not None:  # a pad row still sees itself: no empty softmax row
+            segment_ids = jnp.pad(segment_ids, ((0, 0), (0, tp - T)), constant_values=-1)
     q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
     local = functools.partial(_splash_local, interpret=interpret)
+    ids = () if segment_ids is None else (segment_ids.astype(jnp.int32),)
     active = active_mesh()
     if active is None:
-        return local(q, k, v)[:, :T]
+        return local(q, k, v, *ids)[:, :T]
     mesh, rules = active
     spec = logical_to_mesh(("batch", None, "act_heads", None), rules)
     batch_axes, head_axes = spec[0], spec[2]
@@ -406,6 +482,7 @@ def splash_attention(q, k, v, *, interpret: bool = False):
     from jax.sharding import PartitionSpec as P
 
     spec = P(batch_axes, None, head_axes, None)
-    o = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                      check_vma=False)(q, k, v)
+    in_specs = (spec,) * 3 + (() if segment_ids is None else (P(batch_axes, None),))
+    o = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=spec,
+                      check_vma=False)(q, k, v, *ids)
     return o[:, :T]

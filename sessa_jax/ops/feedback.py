@@ -3,6 +3,10 @@
     alpha[t, j] = softmax_{j < t}(q_b[t] . k_b[j] / sqrt(D))   (strictly causal; row 0 is zero)
     s_t = f_t + gamma_t * sum_{j<t} alpha[t, j] s_j
 
+With ``segment_ids`` (packed documents, see :mod:`sessa_jax.ops.segments`) the softmax runs
+over j < t with seg[j] == seg[t] only: alpha, and so the system, is block diagonal, and the
+first token of each document has nothing to read (its alpha row is zero, s_t = f_t).
+
 Two implementations of one function, :func:`feedback_solve`:
 
 * ``"dense"`` materialises the (B, T, T) matrix and calls a unit lower-triangular solve.
@@ -38,6 +42,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.scipy.linalg import solve_triangular
 
+from sessa_jax.ops.segments import visible
+
 Impl = Literal["dense", "chunked"]
 Inverse = Literal["solve", "doubling", "blocked"]
 
@@ -48,7 +54,7 @@ def _acc_dtype(dtype):
 
 def feedback_solve(
     q_b, k_b, gamma, f, *, impl: Impl = "chunked", chunk_size: int = 256, segments: int = 8,
-    inverse: Inverse = "blocked", unroll: int = 8,
+    inverse: Inverse = "blocked", unroll: int = 8, segment_ids=None,
 ):
     """Solve the Sessa feedback system.
 
@@ -61,25 +67,32 @@ def feedback_solve(
       segments: scans the chunk sweep is split into (see :func:`feedback_chunked`).
       inverse: how "chunked" inverts its diagonal blocks: "solve", "doubling" or "blocked".
       unroll: "chunked" sweeps of at most this many chunks run one chunk per step, unrolled.
+      segment_ids: optional (B, T) int document ids (not differentiated): alpha[t, j] = 0
+        unless seg[j] == seg[t]. None: one document per row.
     Returns:
       s: (B, T, D) in f's dtype.
     """
     if impl == "dense":
-        return feedback_dense(q_b, k_b, gamma, f)
+        return feedback_dense(q_b, k_b, gamma, f, segment_ids)
     if impl == "chunked":
         return feedback_chunked(
             q_b, k_b, gamma, f, chunk_size=chunk_size, segments=segments, inverse=inverse,
-            unroll=unroll,
+            unroll=unroll, segment_ids=segment_ids,
         )
     raise ValueError(f"feedback impl={impl!r}: expected 'dense' or 'chunked'")
 
 
-def feedback_alpha(q_b, k_b):
-    """Dense strictly-causal routing weights alpha: (B, T, T), row 0 all zero."""
+def feedback_alpha(q_b, k_b, segment_ids=None):
+    """Dense strictly-causal routing weights alpha: (B, T, T), row 0 all zero.
+
+    segment_ids (B, T) or None: with ids, alpha[t, j] = 0 across segments and the first row
+    of every segment is zero.
+    """
     acc = _acc_dtype(q_b.dtype)
     T, D = q_b.shape[1], q_b.shape[2]
     scores = jnp.einsum("btd,bsd->bts", q_b, k_b, preferred_element_type=acc) / math.sqrt(D)
-    mask = jnp.tril(jnp.ones((T, T), bool), k=-1)
+    t = jnp.arange(T)
+    mask = visible(t, t, segment_ids, segment_ids, strict=True)
     return _masked_softmax(scores, mask)[0]
 
 
@@ -109,11 +122,11 @@ def unit_lower_solve(m, b):
     return jax.lax.platform_dependent(m, b, cpu=one_at_a_time, default=batched)
 
 
-def feedback_dense(q_b, k_b, gamma, f):
+def feedback_dense(q_b, k_b, gamma, f, segment_ids=None):
     """Reference path: materialised alpha and a triangular solve. Shapes as feedback_solve."""
     acc = _acc_dtype(f.dtype)
     T = f.shape[1]
-    alpha = feedback_alpha(q_b, k_b)
+    alpha = feedback_alpha(q_b, k_b, segment_ids)
     m = jnp.eye(T, dtype=acc) - gamma.astype(acc)[..., None] * alpha
     s = unit_lower_solve(m, f.astype(acc))
     return s.astype(f.dtype)
@@ -153,7 +166,7 @@ RESIDUAL_NAMES = ("feedback_s", "feedback_ctx", "feedback_lse", "feedback_inv")
 
 def feedback_chunked(
     q_b, k_b, gamma, f, *, chunk_size: int = 256, segments: int = 8,
-    inverse: Inverse = "blocked", unroll: int = 8,
+    inverse: Inverse = "blocked", unroll: int = 8, segment_ids=None,
 ):
     """Blocked O(T*D)-memory solve with a custom VJP. Shapes as :func:`feedback_solve`.
 
@@ -168,16 +181,20 @@ def feedback_chunked(
     exact per chunk. Larger sweeps keep the loops, so that compile time, HLO size and
     temporaries stay flat in T: inlined steps keep more buffers alive (H200, one layer at
     T=32768, c=2048, 16 chunks unrolled: 7.0 GiB peak; c=512 looped: 1.7 GiB).
+    ``segment_ids`` (B, T) int or None: the same tiles, masked to the own segment as well.
     """
     B, T, D = f.shape
     c = max(1, min(int(chunk_size), T))
     tp = -(-T // c) * c
     if tp != T:
         # Zero-padding at the end is exact: causality means pads never reach real rows, and
-        # gamma = 0, f = 0 on pads keeps their own rows (and gradients) zero.
+        # gamma = 0, f = 0 on pads keeps their own rows (and gradients) zero, whatever segment
+        # id the pads get.
         pad3 = ((0, 0), (0, tp - T), (0, 0))
         q_b, k_b, f = (jnp.pad(a, pad3) for a in (q_b, k_b, f))
         gamma = jnp.pad(gamma, ((0, 0), (0, tp - T)))
+        if segment_ids is not None:
+            segment_ids = jnp.pad(segment_ids, ((0, 0), (0, tp - T)), constant_values=-1)
     if inverse not in ("solve", "doubling", "blocked"):
         raise ValueError(
             f"feedback inverse={inverse!r}: expected 'solve', 'doubling' or 'blocked'"
@@ -190,13 +207,15 @@ def feedback_chunked(
         # kept ~3x the temp memory on CPU (jax 0.10.2; T=512, c=64, 8 one-step segments).
         nseg = max(1, min(int(segments), n // 2))
     edges = tuple(round(n * i / nseg) for i in range(nseg + 1))  # chunk index boundaries
-    s = _chunked_solve(q_b, k_b, gamma, f, c, edges, inverse)
+    s = _chunked_solve(q_b, k_b, gamma, f, segment_ids, c, edges, inverse)
     return s[:, :T]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _chunked_solve(q_b, k_b, gamma, f, c, edges, inverse):
-    return _chunked_forward(q_b, k_b, gamma, f, c, edges, inverse)[0]
+# segment_ids is a regular (integer, possibly None) argument, not a nondiff_argnum: it may be
+# a tracer (jit, remat), and the backward returns None (a zero cotangent) for it.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _chunked_solve(q_b, k_b, gamma, f, seg, c, edges, inverse):
+    return _chunked_forward(q_b, k_b, gamma, f, seg, c, edges, inverse)[0]
 
 
 def _mm32(spec, a, b, precision=jax.lax.Precision.HIGHEST):
@@ -298,7 +317,7 @@ def _block_inverse(n_blk, inverse, mm):
     return _blocked_inverse(n_blk, precision=precision)
 
 
-def _chunked_forward(q_b, k_b, gamma, f, c, edges, inverse):
+def _chunked_forward(q_b, k_b, gamma, f, seg, c, edges, inverse):
     """Forward substitution, one chunk of c rows per scan step, ONE pass over the scores.
 
     Step i computes chunk i's scores against every key it can see (< (i+1)c, inside its
@@ -307,6 +326,8 @@ def _chunked_forward(q_b, k_b, gamma, f, c, edges, inverse):
     product), the diagonal block A_cc and its inverse (I - diag(gamma_c) A_cc)^{-1}.
     Segment [a, b) of chunks is one ``lax.scan`` whose rows only see keys < b*c; every output
     is a full-length carry written in place (no stacked (n, B, c, ...) outputs to transpose).
+    seg (B, Tp) int or None: with ids, rows see only keys of their own segment (a row with
+    no visible key gets alpha = 0, lse = 0).
     Returns s (B, Tp, D) in f's dtype, and residuals ctx (B, Tp, D), lse (B, Tp) in the
     accumulator dtype and the inverted diagonal blocks (B, n, c, c) (in f's dtype when that is
     half precision, else the accumulator dtype).
@@ -320,6 +341,7 @@ def _chunked_forward(q_b, k_b, gamma, f, c, edges, inverse):
     def make_step(kp):
         k_seg = k_b[:, :kp]
         cols = jnp.arange(kp)
+        seg_cols = None if seg is None else seg[:, :kp]
 
         def step(carry, i):
             s_buf, ctx, lse, inv = carry
@@ -329,7 +351,8 @@ def _chunked_forward(q_b, k_b, gamma, f, c, edges, inverse):
             f_c = jax.lax.dynamic_slice_in_dim(f, start, c, axis=1).astype(acc)
             g_c = jax.lax.dynamic_slice_in_dim(gamma, start, c, axis=1).astype(acc)
             scores = jnp.einsum("bcd,btd->bct", q_c, k_seg, preferred_element_type=acc) * scale
-            e, l, lse_c = _masked_exp(scores, cols[None, :] < rows[:, None])
+            seg_c = None if seg is None else jax.lax.dynamic_slice_in_dim(seg, start, c, axis=1)
+            e, l, lse_c = _masked_exp(scores, visible(rows, cols, seg_c, seg_cols, strict=True))
             alpha = e / l[..., None]
             # Rows >= start are still zero in s_buf, so this sums over earlier chunks only.
             cross = jnp.einsum(
@@ -359,15 +382,15 @@ def _chunked_forward(q_b, k_b, gamma, f, c, edges, inverse):
     return carry
 
 
-def _chunked_fwd(q_b, k_b, gamma, f, c, edges, inverse):
-    s, ctx, lse, inv = _chunked_forward(q_b, k_b, gamma, f, c, edges, inverse)
+def _chunked_fwd(q_b, k_b, gamma, f, seg, c, edges, inverse):
+    s, ctx, lse, inv = _chunked_forward(q_b, k_b, gamma, f, seg, c, edges, inverse)
     # Named so that a remat policy (save_only_these_names(*RESIDUAL_NAMES)) can keep them.
     # The primal output is the named s itself: the layer's own use of s (after the solve)
     # then needs no recompute either, and s is kept once.
     s, ctx, lse, inv = (
         checkpoint_name(x, name) for x, name in zip((s, ctx, lse, inv), RESIDUAL_NAMES)
     )
-    return s, (q_b, k_b, gamma, s, ctx, lse, inv)
+    return s, (q_b, k_b, gamma, seg, s, ctx, lse, inv)
 
 
 def _chunked_bwd(c, edges, inverse, res, g_s):
@@ -381,10 +404,11 @@ def _chunked_bwd(c, edges, inverse, res, g_s):
     Step i handles key/column chunk i: once df is known for rows >= i*c, every row that reads
     chunk i is known, so dk_b for the chunk is final and its dq_b contribution is pushed out.
     Segment [a, b) only touches query rows >= a*c, the rows that can read its keys.
-    df, dk_b and dgamma are full-length carries written in place.
+    df, dk_b and dgamma are full-length carries written in place. With segment ids, the
+    forward's mask (own segment, strictly earlier) is applied to every alpha^T tile.
     """
     del inverse
-    q_b, k_b, gamma, s, ctx, lse, inv_all = res
+    q_b, k_b, gamma, seg, s, ctx, lse, inv_all = res
     f_dtype = s.dtype  # s is returned in f's dtype
     B, tp, D = s.shape
     acc = _acc_dtype(f_dtype)
@@ -395,6 +419,7 @@ def _chunked_bwd(c, edges, inverse, res, g_s):
     def make_step(r0):
         q_seg, lse_seg = q_b[:, r0:], lse[:, r0:]
         rows = r0 + jnp.arange(tp - r0)
+        seg_rows = None if seg is None else seg[:, r0:]
 
         def step(carry, i):
             # d_o, delta, dq: rows >= r0 only; df, dk, dgamma: full length
@@ -408,7 +433,8 @@ def _chunked_bwd(c, edges, inverse, res, g_s):
             gs_c = jax.lax.dynamic_slice_in_dim(g_s, start, c, axis=1)
             # alpha^T block: rows = keys j of this chunk, columns = queries t >= r0.
             scores_t = jnp.einsum("bjd,btd->bjt", k_c, q_seg, preferred_element_type=acc) * scale
-            valid = rows[None, :] > cols_j[:, None]
+            seg_j = None if seg is None else jax.lax.dynamic_slice_in_dim(seg, start, c, axis=1)
+            valid = visible(rows, cols_j, seg_rows, seg_j, strict=True, keys_first=True)
             alpha_t = jnp.where(valid, jnp.exp(scores_t - lse_seg[:, None, :]), 0.0)
             # d_o is zero on rows not yet solved, so this reads later chunks only.
             rhs = gs_c + jnp.einsum(
@@ -450,7 +476,7 @@ def _chunked_bwd(c, edges, inverse, res, g_s):
         delta = delta.at[:, r0:].set(delta_seg)
         dq = dq.at[:, r0:].set(dq_seg)
     df, dk, dgamma = outs
-    return dq.astype(q_b.dtype), dk, dgamma, df
+    return dq.astype(q_b.dtype), dk, dgamma, df, None
 
 
 _chunked_solve.defvjp(_chunked_fwd, _chunked_bwd)

@@ -9,7 +9,8 @@ Opt-in (``run.stability_stats: true``): on logging steps the loop runs one extra
 * ``gamma_gt_0.99``: fraction of tokens with |gamma_t| > 0.99 (near the edge, memory is long and
   the system (I - diag(gamma) alpha) is close to singular in the directions alpha averages).
 * ``score_max``, ``score_std``: max and std of the feedback scores q_b[t].k_b[j]/sqrt(D) over the
-  strictly causal pairs j < t of the batch's first row (T x T, so one row keeps it cheap);
+  strictly causal pairs j < t (of one document, for packed rows) of the batch's first row
+  (T x T, so one row keeps it cheap);
   large scores make alpha one-hot and its softmax gradient spiky.
 * ``s_growth``: RMS of the mixer output s over the last quarter of positions / over the first
   quarter, so growth of s along t (the feedback accumulating) shows as a ratio >> 1.
@@ -31,6 +32,7 @@ from jax.sharding import NamedSharding
 
 from sessa_jax.models.partitioning import activation_sharding
 from sessa_jax.ops.feedback import feedback_solve
+from sessa_jax.ops.segments import visible
 
 STAT_NAMES = ("gamma_abs_max", "gamma_mean", "gamma_gt_0.99", "score_max", "score_std",
               "s_growth", "s_over_f_first", "s_over_f_last")
@@ -40,19 +42,23 @@ def _rms(x):
     return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
 
 
-def layer_stats(layer, x) -> tuple[jax.Array, dict]:
-    """One SessaLayer on x (B, T, D) -> (its output (B, T, D), {name: float32 scalar})."""
+def layer_stats(layer, x, segment_ids=None) -> tuple[jax.Array, dict]:
+    """One SessaLayer on x (B, T, D) (segment_ids (B, T) or None, as the layer takes them)
+    -> (its output (B, T, D), {name: float32 scalar})."""
     cfg, mixer = layer.cfg, layer.mixer
     a, g = layer._pre(x)
-    f = mixer.attend(a)
+    f = mixer.attend(a, segment_ids=segment_ids)
     q_b, k_b, gamma = mixer._feedback_inputs(a)
-    s = feedback_solve(q_b, k_b, gamma, f, impl=cfg.feedback_impl, chunk_size=cfg.chunk_size)
+    s = feedback_solve(q_b, k_b, gamma, f, impl=cfg.feedback_impl, chunk_size=cfg.chunk_size,
+                       segment_ids=segment_ids)
     y = x + layer.W_out(s * g)
 
     T, D = x.shape[1], x.shape[2]
     q0, k0 = q_b[0].astype(jnp.float32), k_b[0].astype(jnp.float32)
     scores = (q0 @ k0.T) / jnp.sqrt(jnp.float32(D))  # (T, T)
-    strict = jnp.tril(jnp.ones((T, T), bool), k=-1)
+    t = jnp.arange(T)
+    seg0 = None if segment_ids is None else segment_ids[:1]
+    strict = visible(t, t, seg0, seg0, strict=True).reshape(T, T)  # pairs the solve reads
     n = jnp.maximum(jnp.sum(strict), 1)
     mean = jnp.sum(jnp.where(strict, scores, 0.0)) / n
     var = jnp.sum(jnp.where(strict, jnp.square(scores - mean), 0.0)) / n
@@ -72,8 +78,9 @@ def layer_stats(layer, x) -> tuple[jax.Array, dict]:
     return y, {k: v.astype(jnp.float32) for k, v in stats.items()}
 
 
-def model_stats(model, tokens) -> dict:
-    """A Sessa DecoderLM on tokens (B, T) -> {"stability/layer<i>/<name>": scalar}."""
+def model_stats(model, tokens, segment_ids=None) -> dict:
+    """A Sessa DecoderLM on tokens (B, T) (segment_ids (B, T) or None)
+    -> {"stability/layer<i>/<name>": scalar}."""
     from sessa_jax.models.sessa import SessaLayer
 
     x = model.embed(tokens)
@@ -82,7 +89,7 @@ def model_stats(model, tokens) -> dict:
         if not isinstance(block.mixer, SessaLayer):
             raise ValueError(f"block {i} is a {type(block.mixer).__name__}: the stability "
                              "statistics are of Sessa layers (model.family='sessa')")
-        x, st = layer_stats(block.mixer, x)
+        x, st = layer_stats(block.mixer, x, segment_ids)
         out.update({f"stability/layer{i}/{k}": v for k, v in st.items()})
         if block.mlp is not None:
             x = block.mlp(x)
@@ -101,9 +108,8 @@ def make_stats_step(cfg, setup) -> Optional[Callable]:
 
     def stats(params, batch):
         with activation_sharding(mesh, rules):
-            return model_stats(model_def(params), batch["inputs"])
+            return model_stats(model_def(params), batch["inputs"], batch.get("segment_ids"))
 
-    batch_sh = {k: NamedSharding(mesh, batch_spec(rules))
-                for k in ("inputs", "targets", "loss_mask")}
+    batch_sh = NamedSharding(mesh, batch_spec(rules))  # every (G, T) key, as the train step
     return jax.jit(stats, in_shardings=(setup.shardings.params, batch_sh),
                    out_shardings=replicated(mesh))

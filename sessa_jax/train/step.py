@@ -29,15 +29,32 @@ from sessa_jax.train.mesh import batch_spec, replicated
 from sessa_jax.train.state import Setup, TrainState, lr_schedule
 
 
-# The batch keys the steps consume. Text batches also carry ``segment_ids`` and ``positions``
-# (int32 (G, T)); the models do not take them yet, so ``step_batch`` leaves them out before the
-# jitted steps (whose in_shardings name exactly these keys).
+# The batch keys the steps consume. Text batches (rows packed from documents, data/packing.py)
+# also carry SEGMENT_KEYS: ``segment_ids`` int32 (G, T) go to the model, which keeps every
+# document to itself. Their ``positions`` are left out: the model derives the same positions
+# from the ids (ops/segments.py), so there is one source for them.
 STEP_KEYS = ("inputs", "targets", "loss_mask")
+SEGMENT_KEYS = ("segment_ids",)
+
+
+def batch_keys(task: str) -> tuple[str, ...]:
+    """The keys of the step batches of data task ``task`` (text rows are packed)."""
+    return STEP_KEYS + (SEGMENT_KEYS if task == "text" else ())
 
 
 def step_batch(batch: dict) -> dict:
-    """The keys of a data batch that the jitted steps take (see STEP_KEYS)."""
-    return {k: batch[k] for k in STEP_KEYS}
+    """The keys of a data batch that the jitted steps take: STEP_KEYS, and SEGMENT_KEYS when
+    the batch has them."""
+    return {k: batch[k] for k in STEP_KEYS + SEGMENT_KEYS if k in batch}
+
+
+def abstract_batch(cfg: TrainConfig, sharding) -> dict:
+    """ShapeDtypeStructs of one global step batch (G, T) of ``cfg``'s task, laid out by
+    ``sharding`` (ahead-of-time lowering)."""
+    shape = (cfg.run.global_batch_size, cfg.data.seq_len)
+    dtype = lambda k: jnp.float32 if k == "loss_mask" else jnp.int32
+    return {k: jax.ShapeDtypeStruct(shape, dtype(k), sharding=sharding)
+            for k in batch_keys(cfg.data.task)}
 
 
 def loss_sums(model_def, params, batch: dict, *, predict=True) -> dict:
@@ -45,11 +62,12 @@ def loss_sums(model_def, params, batch: dict, *, predict=True) -> dict:
 
     The cross-entropy goes through ``DecoderLM.token_nll`` (chunked over the sequence by
     ``model.loss_chunk_size``). ``predict`` (a bool or a traced bool) gates the argmax:
-    "correct" is 0 where it is false.
+    "correct" is 0 where it is false. ``segment_ids``, when the batch has them, go to the model.
     """
     model = model_def(params)
     targets, mask = batch["targets"], batch["loss_mask"] > 0
-    nll, pred = model.token_nll(model.hidden(batch["inputs"]), targets, predict=predict)
+    h = model.hidden(batch["inputs"], batch.get("segment_ids"))
+    nll, pred = model.token_nll(h, targets, predict=predict)
     correct = (0.0 if pred is None
                else jnp.sum((pred == targets) & mask, dtype=jnp.float32))
     return {
@@ -78,7 +96,8 @@ def _where_tree(ok, new, old):
 
 def make_train_step(cfg: TrainConfig, setup: Setup) -> Callable:
     """``step(state, batch) -> (state, metrics)``, jitted with explicit shardings and the state
-    donated. batch: {"inputs" int32 (G, T), "targets" int32 (G, T), "loss_mask" f32 (G, T)}.
+    donated. batch: {"inputs" int32 (G, T), "targets" int32 (G, T), "loss_mask" f32 (G, T)}
+    and, for packed text, "segment_ids" int32 (G, T) (see :func:`step_batch`).
     metrics (replicated scalars): loss, accuracy, grad_norm, learning_rate, scored, skipped.
     accuracy is NaN on steps that :func:`logged_step` says are not logged (not computed).
     """
@@ -150,7 +169,9 @@ def make_train_step(cfg: TrainConfig, setup: Setup) -> Callable:
         }
         return new_state, metrics
 
-    batch_sh = {k: NamedSharding(mesh, batch_spec(rules)) for k in STEP_KEYS}
+    # One sharding for every (G, T) batch key (a pytree prefix): batches with and without
+    # segment ids take the same step function.
+    batch_sh = NamedSharding(mesh, batch_spec(rules))
     return jax.jit(step, in_shardings=(setup.shardings, batch_sh),
                    out_shardings=(setup.shardings, replicated(mesh)), donate_argnums=0)
 
@@ -168,7 +189,8 @@ def make_eval_step(cfg: TrainConfig, setup: Setup, byte_lengths: Optional[np.nda
         targets, mask = batch["targets"], batch["loss_mask"]
         with activation_sharding(mesh, rules):
             model = model_def(params)
-            nll, pred = model.token_nll(model.hidden(batch["inputs"]), targets, predict=True)
+            h = model.hidden(batch["inputs"], batch.get("segment_ids"))
+            nll, pred = model.token_nll(h, targets, predict=True)
         scored = mask > 0
         out = {
             "nll": jnp.sum(jnp.where(scored, nll, 0.0)),
@@ -181,7 +203,7 @@ def make_eval_step(cfg: TrainConfig, setup: Setup, byte_lengths: Optional[np.nda
             out["bytes"] = jnp.sum(jnp.where(scored, table[targets], 0.0))
         return out
 
-    batch_sh = {k: NamedSharding(mesh, batch_spec(rules)) for k in STEP_KEYS}
+    batch_sh = NamedSharding(mesh, batch_spec(rules))  # every (G, T) key, as in the train step
     return jax.jit(ev, in_shardings=(setup.shardings.params, batch_sh),
                    out_shardings=replicated(mesh))
 
