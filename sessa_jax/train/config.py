@@ -24,7 +24,6 @@ import dataclasses
 import difflib
 import functools
 import math
-import os
 import types
 import typing
 from typing import Any, Literal, Mapping, Optional, Sequence, Union
@@ -48,6 +47,15 @@ class ConfigError(ValueError):
 def _check(ok: bool, key: str, value, expected: str) -> None:
     if not ok:
         raise ValueError(f"{key}={value!r}: expected {expected}")
+
+
+def _check_uri(key: str, value) -> None:
+    """A path setting: local, or a URI whose scheme etils.epath knows (gs://, s3://, ...)."""
+    from sessa_jax.paths import SCHEMES, scheme
+    s = scheme(value)
+    if s not in (None, "file") and s not in SCHEMES:
+        raise ValueError(f"{key}={value!r}: expected a local path or a URI with one of the "
+                         "schemes " + ", ".join(f"{x}://" for x in SCHEMES))
 
 
 def _is_int(v) -> bool:
@@ -220,6 +228,7 @@ class RunConfig:
                self.stability_stats, "true or false")
         _check(isinstance(self.output_dir, str) and bool(self.output_dir), f"{p}.output_dir",
                self.output_dir, "a non-empty path")
+        _check_uri(f"{p}.output_dir", self.output_dir)
         for f, lo in (("steps", 1), ("global_batch_size", 1), ("seed", 0), ("log_every", 1),
                       ("eval_every", 0), ("eval_batches", 0), ("max_nonfinite_in_a_row", 1)):
             v = getattr(self, f)
@@ -415,15 +424,30 @@ def to_dict(obj) -> Any:
 # -- YAML, overrides, model files ---------------------------------------------------------------
 
 
-def read_yaml(path: str, what: str = "config") -> dict:
-    """A YAML mapping from ``path``; an empty file is an error (it would mean 'all defaults',
-    which silently trains a run nobody asked for)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"{what} file {path!r} not found")
+def _user_path(path, key: str):
+    """:func:`sessa_jax.paths.user_path`, its error as a ConfigError naming ``key``."""
+    from sessa_jax.paths import PathError, user_path
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        return user_path(path)
+    except PathError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def read_yaml(path: str, what: str = "config") -> dict:
+    """A YAML mapping from ``path`` (local or a URI); an empty file is an error (it would mean
+    'all defaults', which silently trains a run nobody asked for)."""
+    p = _user_path(path, f"{what} file")
+    try:
+        if not p.is_file():
+            raise ConfigError(f"{what} file {path!r} not found")
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{what} file {path!r}: cannot read it ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} file {path!r} is not valid YAML: {e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
         why = str(e).replace("\n", " ")
         raise ConfigError(f"{what} file {path!r} is not valid YAML: {why}") from None
     if raw is None:
@@ -472,10 +496,11 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
 
 
 def _model_file(path: str, base_dir: str) -> dict:
-    """A flat ModelConfig YAML file, found relative to ``base_dir`` then the working dir."""
-    for cand in (os.path.join(base_dir, path), path):
-        if os.path.isfile(cand):
-            return read_yaml(cand, "model")
+    """A flat ModelConfig YAML file, found relative to ``base_dir`` then the working dir (a
+    URI, or a base_dir that is one, is joined as a URI)."""
+    for cand in (_user_path(base_dir, "model") / path, _user_path(path, "model")):
+        if cand.is_file():
+            return read_yaml(str(cand), "model")
     raise ConfigError(f"model: model file {path!r} not found (looked in {base_dir!r} and the "
                       "working directory)")
 
@@ -533,7 +558,7 @@ def from_dict(raw: Mapping, base_dir: str = ".", check_task: bool = True) -> Tra
 def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> TrainConfig:
     """Read ``path`` (YAML; None: all defaults), apply ``key=value`` overrides, validate."""
     raw = read_yaml(path) if path else {}
-    base_dir = os.path.dirname(os.path.abspath(path)) if path else "."
+    base_dir = str(_user_path(path, "config file").parent) if path else "."
     if isinstance(raw.get("model"), str) and any(o.startswith("model.") for o in overrides):
         raw["model"] = _model_file(raw["model"], base_dir)
     return from_dict(apply_overrides(raw, overrides), base_dir)
@@ -543,12 +568,10 @@ def dump_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
 
 
-def save_config(cfg: TrainConfig, path: str) -> None:
-    """Write the resolved config (every field, model inlined) as YAML."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(dump_yaml(cfg))
-    os.replace(tmp, path)
+def save_config(cfg: TrainConfig, path) -> None:
+    """Write the resolved config (every field, model inlined) as YAML (local or a URI)."""
+    from sessa_jax.paths import write_text
+    write_text(path, dump_yaml(cfg))
 
 
 def replace(cfg, **changes):

@@ -31,8 +31,10 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
 from sessa_jax.data import batches, eval_batches, num_eval_batches
+from sessa_jax.paths import PathError, append_text, user_path, write_text
 from sessa_jax.train.checkpoint import Checkpointer, config_from_meta
 from sessa_jax.train.config import (
     ConfigError, TrainConfig, apply_overrides, check_resume_compatible, from_dict, save_config,
@@ -177,7 +179,7 @@ class Preflight:
         return (f"ok: {c.model.family} model, {fmt_count(param_count(c.model))} parameters | "
                 f"task {c.data.task}: {self.task.split_size('train'):,} train examples, "
                 f"seq_len {c.data.seq_len} | {describe(self.setup.mesh)} | would write "
-                f"{os.path.abspath(c.run.output_dir)}")
+                f"{run_path(c)}")
 
 
 def preflight(cfg: TrainConfig) -> Preflight:
@@ -187,10 +189,22 @@ def preflight(cfg: TrainConfig) -> Preflight:
     task = task_for(cfg.data)
     mesh = make_mesh(cfg.mesh)
     check_batch(cfg, mesh)
-    out = os.path.abspath(cfg.run.output_dir)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"run.output_dir={cfg.run.output_dir!r} exists and is not a directory")
+    out = run_path(cfg)
+    try:
+        if out.exists() and not out.is_dir():
+            raise ConfigError(
+                f"run.output_dir={cfg.run.output_dir!r} exists and is not a directory")
+    except OSError as e:  # e.g. an object store without credentials
+        raise ConfigError(f"run.output_dir={cfg.run.output_dir!r}: cannot read it ({e})") from None
     return Preflight(cfg, task, make_setup(cfg, mesh))
+
+
+def run_path(cfg: TrainConfig) -> epath.Path:
+    """The run directory: ``run.output_dir`` as an epath.Path (a gs:// URI stays one)."""
+    try:
+        return user_path(cfg.run.output_dir)
+    except PathError as e:
+        raise ConfigError(f"run.output_dir: {e}") from None
 
 
 def train(cfg: TrainConfig) -> RunResult:
@@ -203,9 +217,9 @@ def train(cfg: TrainConfig) -> RunResult:
     t_begin = time.perf_counter()
     pre = preflight(cfg)
     task, setup = pre.task, pre.setup
-    run_dir = os.path.abspath(cfg.run.output_dir)
+    run_dir = run_path(cfg)
     try:
-        os.makedirs(run_dir, exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(
             f"run.output_dir={cfg.run.output_dir!r}: cannot create it ({e})") from None
@@ -239,7 +253,7 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
     else:
         state, start = init_state(setup), 0
     if _main():
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
+        save_config(cfg, run_dir / "config.yaml")
 
     train_step = make_train_step(cfg, setup)
     eval_step = make_eval_step(cfg, setup, token_byte_lengths(task))
@@ -348,9 +362,8 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
     summary["stopped_by"] = stopped_by
     summary["skipped_records"] = int(getattr(task, "skipped_records", 0))
     if _main():
-        with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
-        _print_summary(summary, cfg)
+        write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+        _print_summary(summary, cfg, run_dir)
     return RunResult(summary, stopped_by)
 
 
@@ -399,7 +412,7 @@ def _summary(cfg, track, k, start, t_begin, best_name, best_mode) -> dict:
     }
 
 
-def _print_summary(s: dict, cfg: TrainConfig) -> None:
+def _print_summary(s: dict, cfg: TrainConfig, run_dir) -> None:
     print("-" * 72)
     comp = f", compile {s['compile_sec']:.1f}s" if s["compile_sec"] else ""
     print(f"trained {s['steps_this_session']} steps this session (step {s['steps']}/"
@@ -427,7 +440,7 @@ def _print_summary(s: dict, cfg: TrainConfig) -> None:
         v = b["value"]
         shown = f"{v:.1%}" if "accuracy" in b["metric"] else f"{v:.4f}"
         print(f"best eval {b['metric']}: {shown} at step {b['step']}")
-    print(f"run directory: {os.path.abspath(cfg.run.output_dir)}")
+    print(f"run directory: {run_dir}")
 
 
 # -- evaluating a saved checkpoint ------------------------------------------------------------
@@ -473,7 +486,7 @@ def evaluate_checkpoint(run_dir: str, step: Optional[int] = None,
     ev = run_eval(cfg, task, setup, eval_step, params, split=split)
     result = {"step": s, "split": split, "task": cfg.data.task, "seq_len": cfg.data.seq_len, **ev}
     if _main():
-        with open(os.path.join(run_dir, "eval_results.jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+        append_text(ckpt.run_dir / "eval_results.jsonl",
+                    json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                                 for k, v in result.items()}) + "\n")
     return result

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from typing import Optional
@@ -96,56 +95,83 @@ def _clean(v):
 
 
 class MetricsWriter:
-    """metrics.jsonl + TensorBoard event files in the run directory (process 0 only)."""
+    """metrics.jsonl + TensorBoard event files in the run directory (process 0 only).
 
-    def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True):
+    ``run_dir`` may be a URI (gs://...). A local metrics.jsonl is appended to line by line; an
+    object store cannot append, so there the file is rewritten whole, at most every
+    ``remote_flush_sec`` seconds, on :meth:`flush` (the loop calls it when it saves a
+    checkpoint) and on :meth:`close`.
+    """
+
+    def __init__(self, run_dir, enabled: bool = True, tensorboard: bool = True,
+                 remote_flush_sec: float = 60.0):
+        from sessa_jax.paths import is_local, user_path
+
         self.enabled = enabled
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.run_dir = user_path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.local = is_local(self.path)
+        self.remote_flush_sec = remote_flush_sec
+        self._lines: Optional[list[str]] = None  # remote: the whole file, in memory
+        self._dirty, self._flushed_at = False, time.perf_counter()
         self.tb = None
         if enabled and tensorboard:
             try:
-                from tensorboardX import SummaryWriter
-                self.tb = SummaryWriter(logdir=os.path.join(run_dir, "tb"))
+                from tensorboardX import SummaryWriter  # writes gs:// and s3:// itself
+                self.tb = SummaryWriter(logdir=str(self.run_dir / "tb"))
             except Exception as e:  # TensorBoard is a nicety; never fail a run over it
                 print(f"warning: TensorBoard disabled ({e})", file=sys.stderr)
 
+    def _read_lines(self) -> list[str]:
+        if not self.path.exists():
+            return []
+        return self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+
     def truncate_after(self, step: int) -> None:
         """Drop lines past ``step`` (a resumed run rewrites what followed its checkpoint)."""
-        if not self.enabled or not os.path.exists(self.path):
+        if not self.enabled or not self.path.exists():
             return
         keep = []
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    if json.loads(line).get("step", 0) <= step:
-                        keep.append(line if line.endswith("\n") else line + "\n")
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(keep)
-        os.replace(tmp, self.path)
+        for line in self._read_lines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+        from sessa_jax.paths import write_text
+        write_text(self.path, "".join(keep))
+        if not self.local:
+            self._lines = keep
 
     def history(self) -> list[dict]:
         """The records already in metrics.jsonl (empty when none, or not process 0)."""
-        if not self.enabled or not os.path.exists(self.path):
+        if not self.enabled:
             return []
+        lines = self._lines if self._lines is not None else self._read_lines()
         out = []
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
         return out
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         rec = {k: _clean(v) for k, v in record.items()}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
+        line = json.dumps(rec) + "\n"
+        if self.local:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+        else:
+            if self._lines is None:
+                self._lines = self._read_lines()
+            self._lines.append(line)
+            self._dirty = True
+            if time.perf_counter() - self._flushed_at >= self.remote_flush_sec:
+                self.flush()
         if self.tb is not None:
             step = rec["step"]
             for k, v in rec.items():
@@ -155,7 +181,14 @@ class MetricsWriter:
                 self.tb.add_scalar(tag, v, step)
             self.tb.flush()
 
+    def flush(self) -> None:
+        """Write what is pending (only an object store has anything pending)."""
+        if self.enabled and self._dirty and self._lines is not None:
+            self.path.write_text("".join(self._lines), encoding="utf-8")
+            self._dirty, self._flushed_at = False, time.perf_counter()
+
     def close(self) -> None:
+        self.flush()
         if self.tb is not None:
             self.tb.close()
 
