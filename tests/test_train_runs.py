@@ -120,10 +120,14 @@ def reference(config, tmp_path_factory):
 
 def test_sigterm_resume_across_meshes_and_corrupt_checkpoint(config, reference, tmp_path):
     run_dir = tmp_path / "run"
-    slow = dict(SESSA_DEBUG_STEP_SLEEP=0.25)
-    # 1) 8 devices (2, 2, 2); killed past the step-4 checkpoint.
-    mesh8 = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+    # every compile is cached (the default keeps only those of 1 s or more)
+    slow = dict(SESSA_DEBUG_STEP_SLEEP=0.25, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0)
+    # 1) 8 devices (2, 2, 2), with a persistent compilation cache; killed past the step-4
+    # checkpoint.
+    cache = tmp_path / "compile-cache"
+    mesh8 = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", f"run.compilation_cache_dir={cache}"]
     run_until_then_term(cmd(config, run_dir, *mesh8), env_for(8, **slow), run_dir, past=4)
+    assert any(name.startswith("jit_") for name in os.listdir(cache)), os.listdir(cache)
     first = last_step(run_dir)
     assert 5 <= first < STEPS
     assert_same(losses(run_dir), reference, range(1, first + 1))  # 8 devices == 1 device

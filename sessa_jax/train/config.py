@@ -207,6 +207,10 @@ class RunConfig:
     error after ``max_nonfinite_in_a_row`` skipped (non-finite) updates in a row.
     ``stability_stats``: on logging steps, also log each Sessa layer's feedback statistics
     (``stability/layer<i>/...`` in metrics.jsonl; see sessa_jax/train/stability.py).
+
+    ``output_dir`` and ``compilation_cache_dir`` are local paths or URIs (``gs://bucket/x``).
+    ``compilation_cache_dir``: JAX's persistent compilation cache (null: none), so that a
+    restarted or resumed run loads its compiled steps instead of compiling them again.
     """
 
     output_dir: str = "runs/default"
@@ -221,9 +225,15 @@ class RunConfig:
     param_dtype: Optional[str] = None
     tensorboard: bool = True
     stability_stats: bool = False
+    compilation_cache_dir: Optional[str] = None
 
     def __post_init__(self):
         p = "run"
+        if self.compilation_cache_dir is not None:
+            _check(isinstance(self.compilation_cache_dir, str) and bool(self.compilation_cache_dir),
+                   f"{p}.compilation_cache_dir", self.compilation_cache_dir,
+                   "null or a non-empty path (local or gs://...)")
+            _check_uri(f"{p}.compilation_cache_dir", self.compilation_cache_dir)
         _check(isinstance(self.stability_stats, bool), f"{p}.stability_stats",
                self.stability_stats, "true or false")
         _check(isinstance(self.output_dir, str) and bool(self.output_dir), f"{p}.output_dir",

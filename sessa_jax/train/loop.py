@@ -42,6 +42,7 @@ from sessa_jax.train.config import (
 )
 from sessa_jax.train.mesh import (
     batch_sharding, check_batch, describe, device_kind, global_batch, make_mesh, process_rows,
+    set_compilation_cache,
 )
 from sessa_jax.train.metrics import (
     MetricsWriter, Throughput, flops_per_token, fmt_count, fmt_duration, param_count,
@@ -215,6 +216,10 @@ def train(cfg: TrainConfig) -> RunResult:
     mistakes and NonFiniteError when training diverges.
     """
     t_begin = time.perf_counter()
+    try:
+        set_compilation_cache(cfg.run.compilation_cache_dir)  # before anything compiles
+    except PathError as e:
+        raise ConfigError(f"run.compilation_cache_dir: {e}") from None
     pre = preflight(cfg)
     task, setup = pre.task, pre.setup
     run_dir = run_path(cfg)
@@ -469,6 +474,7 @@ def evaluate_checkpoint(run_dir: str, step: Optional[int] = None,
     raw = meta["config"]
     raw["mesh"] = {"data": -1, "fsdp": 1, "tensor": 1, "rules": raw["mesh"].get("rules", {})}
     cfg = from_dict(apply_overrides(raw, overrides))
+    set_compilation_cache(cfg.run.compilation_cache_dir)  # the run's, if it had one
     task = task_for(cfg.data)
     try:
         if task.split_size(split) < 1:

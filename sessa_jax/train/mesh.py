@@ -56,6 +56,31 @@ def maybe_initialize_distributed() -> bool:
     return False
 
 
+# -- persistent compilation cache -------------------------------------------------------------
+
+
+def set_compilation_cache(path: Optional[str]) -> Optional[str]:
+    """Use JAX's persistent compilation cache in ``path`` (local or gs://...; None: leave JAX
+    as it is). Call before the first compile of the run. Compiles taking at least
+    ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` (default here 1 s: the train and eval steps,
+    not every small helper) are stored; entries of any size. Returns the directory."""
+    if not path:
+        return None
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    from sessa_jax.paths import user_path
+
+    d = str(user_path(path))
+    if jax.config.jax_compilation_cache_dir != d:
+        cc.reset_cache()  # a cache opened earlier in this process on another directory
+        cc.set_cache_dir(d)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # any size
+    return d
+
+
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     """Resolve -1 and check the mesh against the device count; raises ConfigError."""
     sizes = [getattr(cfg, a) for a in MESH_AXES]
