@@ -178,6 +178,7 @@ def write(tmp_path, cfg, name="c.yaml"):
     ("run.compilation_cache_dir=memory://x",
      "run.compilation_cache_dir='memory://x': expected a local path or a URI"),
     ("run.output_dir=memory://x", "run.output_dir='memory://x': expected a local path or a URI"),
+    ("run.stop_check_every=0", "run.stop_check_every=0: expected a positive integer"),
 ])
 def test_non_finite_and_non_positive_numbers_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError, match=None) as e:

@@ -5,7 +5,8 @@ per-step losses in metrics.jsonl are compared with an uninterrupted 1-device run
 
 - 8 devices as mesh (data=2, fsdp=2, tensor=2), killed by SIGTERM mid-way, resumed on the
   same mesh and killed again, then resumed on 2 devices (fsdp=2): same losses throughout;
-- two processes joined by jax.distributed on CPU (one device each): same losses, checkpoints;
+- two processes joined by jax.distributed on CPU (one device each), SIGTERM to one of them:
+  both save the same step and exit 143, and the restart finishes with the same losses;
 - the newest checkpoint corrupted: load_model and sessa-eval warn and use the previous one.
 Retention (last 2 + best by eval loss) is checked across the resumes.
 """
@@ -185,21 +186,48 @@ def test_sigterm_resume_across_meshes_and_corrupt_checkpoint(config, reference, 
 
 
 def test_two_processes_with_jax_distributed(config, reference, tmp_path):
+    """Two processes joined by jax.distributed on CPU. SIGTERM reaches process 1 only: they agree
+    on it at the next agreement step (run.stop_check_every=3, and every checkpoint step), both
+    save that same step and exit 143; restarted, they resume from it and finish with the
+    losses of the 1-process reference."""
+    import re
+
     run_dir = tmp_path / "run"
-    port = free_port()
-    procs = [
-        subprocess.Popen(cmd(config, run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, env=env_for(1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                                                JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i))
-        for i in range(2)
-    ]
+
+    def start(**extra):
+        port = free_port()
+        return [subprocess.Popen(
+            cmd(config, run_dir, "run.stop_check_every=3"), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+            env=env_for(1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=2,
+                        JAX_PROCESS_ID=i, **extra)) for i in range(2)]
+
+    procs = start(SESSA_DEBUG_STEP_SLEEP=0.25)
+    deadline = time.time() + 240
+    while last_step(run_dir) <= 4 and procs[0].poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert procs[0].poll() is None and procs[1].poll() is None, "ended before the signal"
+    procs[1].send_signal(signal.SIGTERM)
     results = [finish(p) for p in procs]
+    saved = []
+    for i, (code, out) in enumerate(results):
+        assert code == 143, out
+        got = re.findall(rf"process {i}: SIGTERM: saved checkpoint at step (\d+)", out)
+        assert len(got) == 1, out
+        saved.append(int(got[0]))
+    assert "process 1: SIGTERM received" in results[1][1]
+    stop = saved[0]
+    assert saved == [stop, stop] and 4 < stop < STEPS and (stop % 3 == 0 or stop % 4 == 0)
+    assert "mesh data=2 fsdp=1 tensor=1 on 2 x cpu (2 processes)" in results[0][1]
+    assert stop in {int(s) for s in os.listdir(run_dir / "checkpoints") if s.isdigit()}
+
+    results = [finish(p) for p in start()]
     for code, out in results:
         assert code == 0, out
-    assert "mesh data=2 fsdp=1 tensor=1 on 2 x cpu (2 processes)" in results[0][1]
+    assert f"resumed from step {stop}" in results[0][1]
     assert_same(losses(run_dir), reference, range(1, STEPS + 1))
     steps = sorted(int(s) for s in os.listdir(run_dir / "checkpoints") if s.isdigit())
-    assert set(steps) >= {8, STEPS} and len(steps) <= 3
+    assert STEPS in steps and len(steps) <= 3
 
 
 def test_bench_multi_gpu_smoke_on_fake_cpu_devices(tmp_path):

@@ -211,6 +211,9 @@ class RunConfig:
     ``output_dir`` and ``compilation_cache_dir`` are local paths or URIs (``gs://bucket/x``).
     ``compilation_cache_dir``: JAX's persistent compilation cache (null: none), so that a
     restarted or resumed run loads its compiled steps instead of compiling them again.
+    ``stop_check_every``: with several processes, how often (in steps) they agree whether one
+    of them got SIGTERM/SIGINT (also at every checkpoint step); one process checks every step
+    and never needs a collective.
     """
 
     output_dir: str = "runs/default"
@@ -226,6 +229,7 @@ class RunConfig:
     tensorboard: bool = True
     stability_stats: bool = False
     compilation_cache_dir: Optional[str] = None
+    stop_check_every: int = 10
 
     def __post_init__(self):
         p = "run"
@@ -234,6 +238,8 @@ class RunConfig:
                    f"{p}.compilation_cache_dir", self.compilation_cache_dir,
                    "null or a non-empty path (local or gs://...)")
             _check_uri(f"{p}.compilation_cache_dir", self.compilation_cache_dir)
+        _check(_is_int(self.stop_check_every) and self.stop_check_every >= 1,
+               f"{p}.stop_check_every", self.stop_check_every, "a positive integer")
         _check(isinstance(self.stability_stats, bool), f"{p}.stability_stats",
                self.stability_stats, "true or false")
         _check(isinstance(self.output_dir, str) and bool(self.output_dir), f"{p}.output_dir",

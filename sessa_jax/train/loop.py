@@ -8,7 +8,15 @@ after step k+1 is dispatched, so the host never stalls the device except on log/
 
 SIGTERM/SIGINT: the current step finishes, a checkpoint is written and waited for, and ``train``
 returns with ``stopped_by`` set (the CLI exits 143 for SIGTERM, 130 for SIGINT). A second SIGINT
-interrupts at once.
+interrupts at once. With several processes a signal may reach only some of them: they agree
+every ``run.stop_check_every`` steps and at every checkpoint step (host to host through the
+jax.distributed key-value store, no device collective), then all save that step and stop. One
+process needs no agreement and stops after the step in flight.
+
+Multi-host: every process must see the same ``run.output_dir`` (a bucket such as
+``gs://bucket/run`` or a shared filesystem; see :mod:`sessa_jax.paths`); they check that they
+agree on the step to resume from before step 0. Only process 0 writes metrics, TensorBoard,
+config.yaml, summary.json and profiles.
 
 Nothing is written before the config, mesh and data checks pass (:func:`preflight`). An
 exception inside the loop (a data error, a diverged run, anything else) first saves a
@@ -41,8 +49,8 @@ from sessa_jax.train.config import (
     task_for,
 )
 from sessa_jax.train.mesh import (
-    batch_sharding, check_batch, describe, device_kind, global_batch, make_mesh, process_rows,
-    set_compilation_cache,
+    all_processes, batch_sharding, check_batch, describe, device_kind, forget, global_batch,
+    make_mesh, process_rows, same_on_all_processes, set_compilation_cache,
 )
 from sessa_jax.train.metrics import (
     MetricsWriter, Throughput, flops_per_token, fmt_count, fmt_duration, param_count,
@@ -92,11 +100,17 @@ def say(*args) -> None:
 
 
 class StopSignals:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps.
 
-    def __init__(self):
+    With several processes, :meth:`requested` answers only every ``every`` steps (and when
+    forced, at checkpoint steps): there every process tells the others what it received.
+    """
+
+    def __init__(self, every: int = 1):
         self.received: Optional[str] = None
+        self.every = every
         self._prev = {}
+        self._agreed: list[str] = []  # tags of past agreements (their keys are dropped later)
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -114,17 +128,31 @@ class StopSignals:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: stop now
         self.received = signal.Signals(signum).name
-        if _main():
+        n = jax.process_count()
+        if n == 1:
             print(f"\n{self.received} received: finishing this step, then saving a checkpoint",
                   file=sys.stderr, flush=True)
+        else:
+            print(f"\nprocess {jax.process_index()}: {self.received} received: the processes "
+                  f"agree on it within {self.every} steps (or at the next checkpoint step), "
+                  "then save a checkpoint", file=sys.stderr, flush=True)
 
-    def requested(self) -> Optional[str]:
-        """The signal name if any process got one (all processes agree on the answer)."""
+    def requested(self, step: int, force: bool = False) -> Optional[str]:
+        """The signal name if any process got one, the same answer on every process.
+
+        One process: at once, every step. Several: None except at steps that are multiples of
+        ``every`` and when ``force`` (checkpoint steps), where the processes agree.
+        """
         if jax.process_count() == 1:
             return self.received
-        from jax.experimental import multihost_utils
+        if not force and step % self.every:
+            return None
         code = {None: 0, "SIGTERM": 1, "SIGINT": 2}[self.received]
-        got = int(np.max(multihost_utils.process_allgather(np.int32(code))))
+        tag = f"stop/{step}"
+        got = max(all_processes(code, tag))
+        self._agreed.append(tag)
+        if len(self._agreed) > 2:  # every process has read those keys by now
+            forget(self._agreed.pop(0))
         return {0: None, 1: "SIGTERM", 2: "SIGINT"}[got]
 
 
@@ -238,6 +266,10 @@ def train(cfg: TrainConfig) -> RunResult:
         writer.close()
 
 
+_SHARED_DIR_HINT = ("every process must see the same run.output_dir: a bucket (gs://...) or a "
+                    "shared filesystem, not each host's local disk")
+
+
 def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
     G, T, total = cfg.run.global_batch_size, cfg.data.seq_len, cfg.run.steps
     n_params = param_count(cfg.model)
@@ -248,11 +280,15 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
         f"{task.vocab_size}" + (f" (tokenizer {cfg.data.text.tokenizer})"
                                 if cfg.data.task == "text" else ""))
 
-    # Fresh start or resume.
-    if ckpt.steps():
+    # Fresh start or resume: every process from the same step.
+    steps = ckpt.steps()
+    same_on_all_processes(steps[-1] if steps else -1, "the newest checkpoint step",
+                          _SHARED_DIR_HINT)
+    if steps:
         meta, _ = ckpt.read_meta()
         check_resume_compatible(config_from_meta(meta), cfg)
         state, meta, start = ckpt.restore(abstract_with_shardings(setup))
+        same_on_all_processes(start, "the step to resume from", _SHARED_DIR_HINT)
         writer.truncate_after(start)
         say(f"resumed from step {start} ({ckpt.directory})")
     else:
@@ -322,7 +358,7 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
     k, pending = start, None
     sleep = float(os.environ.get("SESSA_DEBUG_STEP_SLEEP", "0") or 0)
     try:
-        with StopSignals() as signals:
+        with StopSignals(cfg.run.stop_check_every) as signals:
             while k < total:
                 if sleep:
                     time.sleep(sleep)
@@ -342,14 +378,19 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
                                              and k % cfg.checkpoint.every_steps == 0)
                 is_eval = k == total or bool(cfg.run.eval_every and k % cfg.run.eval_every == 0)
                 is_eval |= is_save and cfg.checkpoint.keep_best_metric is not None  # rank saves
-                stopped_by = signals.requested()
+                stopped_by = signals.requested(k, force=is_save)
                 if is_eval or is_save or stopped_by:
                     ev = handle(k, m, evaluate=bool(is_eval), force_log=bool(stopped_by))
                     ckpt.save(k, state, cfg, metrics=ev)
+                    writer.flush()  # an object store's metrics.jsonl keeps up with saves
                     if stopped_by:
                         ckpt.wait()
-                        say(f"{stopped_by}: saved checkpoint at step {k} in {ckpt.directory}; "
-                            "run the same command again to resume")
+                        # every process says it: each host's log shows the step it saved
+                        who = (f"process {jax.process_index()}: " if jax.process_count() > 1
+                               else "")
+                        print(f"{who}{stopped_by}: saved checkpoint at step {k} in "
+                              f"{ckpt.directory}; run the same command again to resume",
+                              flush=True)
                         break
                 else:
                     pending = (k, m)
