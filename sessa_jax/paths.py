@@ -106,3 +106,14 @@ def local_copy(path: PathLike) -> Iterator[str]:
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
+
+def copy_tree(local_dir: PathLike, dst: PathLike) -> None:
+    """Copy a local directory's files under ``dst`` (local or an object store)."""
+    root, out = os.fspath(local_dir), user_path(dst)
+    for d, _, files in os.walk(root):
+        rel = os.path.relpath(d, root)
+        target = out if rel == "." else out / rel
+        target.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            with open(os.path.join(d, name), "rb") as src, (target / name).open("wb") as f:
+                shutil.copyfileobj(src, f, 1 << 20)

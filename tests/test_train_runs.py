@@ -8,11 +8,13 @@ per-step losses in metrics.jsonl are compared with an uninterrupted 1-device run
 - two processes joined by jax.distributed on CPU (one device each), SIGTERM to one of them:
   both save the same step and exit 143, and the restart finishes with the same losses;
 - the newest checkpoint corrupted: load_model and sessa-eval warn and use the previous one.
-Retention (last 2 + best by eval loss) is checked across the resumes.
+Retention (last 2 + best by eval loss) is checked across the resumes, a persistent compilation
+cache across the two 8-device sessions, and the reference run's profile trace and goodput.
 """
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -109,14 +111,38 @@ def config(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(config, tmp_path_factory):
+def reference_run(config, tmp_path_factory):
+    """The uninterrupted 1-device run (profiling steps 2..3 on the way) -> (run dir, stdout)."""
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    p = subprocess.run(cmd(config, run_dir), env=env_for(1), capture_output=True, text=True,
-                       timeout=240)
+    p = subprocess.run(cmd(config, run_dir, "run.profile_steps=[1,3]"), env=env_for(1),
+                       capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout + p.stderr
-    got = losses(run_dir)
+    return run_dir, p.stdout
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    got = losses(reference_run[0])
     assert sorted(got) == list(range(1, STEPS + 1))
     return got
+
+
+def test_profile_trace_and_goodput_summary(reference_run):
+    """run.profile_steps leaves a jax.profiler trace (TensorBoard's XPlane file and Perfetto's
+    JSON) under the run directory; the summary's goodput buckets add up to the wall time."""
+    run_dir, out = reference_run
+    found = [os.path.join(d, f) for d, _, fs in os.walk(run_dir / "profile") for f in fs]
+    assert any(f.endswith(".xplane.pb") for f in found), found
+    assert any(f.endswith("perfetto_trace.json.gz") for f in found), found
+    assert "profiling steps 2..3 into" in out
+    g = json.loads((run_dir / "summary.json").read_text())["goodput"]
+    parts = ["compile_sec", "setup_sec", "data_sec", "checkpoint_sec", "eval_sec",
+             "profile_sec", "step_sec"]
+    assert all(g[k] >= 0 for k in parts), g
+    assert g["compile_sec"] > 0 and g["checkpoint_sec"] > 0 and g["profile_sec"] > 0, g
+    assert sum(g[k] for k in parts) == pytest.approx(g["total_sec"], rel=1e-6), g
+    assert g["mfu"] is None and "MFU n/a" in out  # a CPU has no known peak
+    assert g["tokens_per_sec"] > 0 and 0 < g["goodput"] <= 1
 
 
 def test_sigterm_resume_across_meshes_and_corrupt_checkpoint(config, reference, tmp_path):
@@ -136,6 +162,8 @@ def test_sigterm_resume_across_meshes_and_corrupt_checkpoint(config, reference, 
     out = run_until_then_term(cmd(config, run_dir, *mesh8), env_for(8, **slow), run_dir,
                               past=first)
     assert f"resumed from step {first}" in out
+    hits = re.search(r"compilation cache: (\d+) hits", out)  # session 1 compiled these steps
+    assert hits and int(hits.group(1)) > 0, out
     second = last_step(run_dir)
     # 3) another device count and mesh shape: 2 devices, fsdp=2.
     p = subprocess.run(cmd(config, run_dir, "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=1"),
@@ -190,8 +218,6 @@ def test_two_processes_with_jax_distributed(config, reference, tmp_path):
     on it at the next agreement step (run.stop_check_every=3, and every checkpoint step), both
     save that same step and exit 143; restarted, they resume from it and finish with the
     losses of the 1-process reference."""
-    import re
-
     run_dir = tmp_path / "run"
 
     def start(**extra):

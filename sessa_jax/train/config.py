@@ -213,7 +213,9 @@ class RunConfig:
     restarted or resumed run loads its compiled steps instead of compiling them again.
     ``stop_check_every``: with several processes, how often (in steps) they agree whether one
     of them got SIGTERM/SIGINT (also at every checkpoint step); one process checks every step
-    and never needs a collective.
+    and never needs a collective. ``profile_steps`` [a, b]: a ``jax.profiler`` trace of steps
+    a+1 .. b into ``<output_dir>/profile`` (TensorBoard's profile plugin, or Perfetto:
+    ``perfetto_trace.json.gz``); 0 <= a < b <= steps.
     """
 
     output_dir: str = "runs/default"
@@ -230,6 +232,7 @@ class RunConfig:
     stability_stats: bool = False
     compilation_cache_dir: Optional[str] = None
     stop_check_every: int = 10
+    profile_steps: Optional[tuple[int, ...]] = None
 
     def __post_init__(self):
         p = "run"
@@ -240,6 +243,16 @@ class RunConfig:
             _check_uri(f"{p}.compilation_cache_dir", self.compilation_cache_dir)
         _check(_is_int(self.stop_check_every) and self.stop_check_every >= 1,
                f"{p}.stop_check_every", self.stop_check_every, "a positive integer")
+        if self.profile_steps is not None:
+            ps = self.profile_steps
+            if isinstance(ps, list):
+                ps = tuple(ps)
+                object.__setattr__(self, "profile_steps", ps)
+            ok = (isinstance(ps, tuple) and len(ps) == 2 and all(_is_int(x) for x in ps)
+                  and _is_int(self.steps) and 0 <= ps[0] < ps[1] <= self.steps)
+            _check(ok, f"{p}.profile_steps", list(ps) if isinstance(ps, tuple) else ps,
+                   f"null or [a, b] with 0 <= a < b <= run.steps={self.steps!r} (a trace of "
+                   "steps a+1 .. b)")
         _check(isinstance(self.stability_stats, bool), f"{p}.stability_stats",
                self.stability_stats, "true or false")
         _check(isinstance(self.output_dir, str) and bool(self.output_dir), f"{p}.output_dir",

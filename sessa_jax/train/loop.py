@@ -18,6 +18,11 @@ Multi-host: every process must see the same ``run.output_dir`` (a bucket such as
 agree on the step to resume from before step 0. Only process 0 writes metrics, TensorBoard,
 config.yaml, summary.json and profiles.
 
+The summary's ``goodput`` splits the session's wall time into compilation, setup, data waits,
+checkpointing, evaluation, profiling and training steps, with the measured MFU
+(:class:`~sessa_jax.train.metrics.Goodput`). ``run.profile_steps`` [a, b] traces steps a+1..b
+with ``jax.profiler`` into ``<run_dir>/profile``.
+
 Nothing is written before the config, mesh and data checks pass (:func:`preflight`). An
 exception inside the loop (a data error, a diverged run, anything else) first saves a
 checkpoint of the last completed step, when its state is intact, then propagates.
@@ -53,8 +58,8 @@ from sessa_jax.train.mesh import (
     make_mesh, process_rows, same_on_all_processes, set_compilation_cache,
 )
 from sessa_jax.train.metrics import (
-    MetricsWriter, Throughput, flops_per_token, fmt_count, fmt_duration, param_count,
-    peak_flops, progress_line,
+    Goodput, MetricsWriter, Throughput, flops_per_token, fmt_count, fmt_duration, goodput_line,
+    param_count, peak_flops, progress_line,
 )
 from sessa_jax.train.state import (
     Setup, abstract_with_shardings, init_state, make_setup,
@@ -156,12 +161,66 @@ class StopSignals:
         return {0: None, 1: "SIGTERM", 2: "SIGINT"}[got]
 
 
+class Profile:
+    """``run.profile_steps`` [a, b]: a jax.profiler trace of steps a+1 .. b (process 0).
+
+    Written to ``<run_dir>/profile`` (``plugins/profile/<time>/``: the XPlane file that
+    TensorBoard's profile plugin reads and ``perfetto_trace.json.gz`` for ui.perfetto.dev). A
+    run directory on an object store gets the files copied up when the trace stops.
+    """
+
+    def __init__(self, run_dir, steps, goodput: Goodput):
+        self.steps = tuple(steps) if steps and _main() else None
+        self.dst = run_dir / "profile"
+        self.goodput = goodput
+        self.local = None
+        self.on = False
+
+    def before_step(self, k: int) -> None:
+        """Called with k finished steps, before step k+1 is dispatched."""
+        if self.steps is None or self.on or not self.steps[0] <= k < self.steps[1]:
+            return
+        import tempfile
+
+        from sessa_jax.paths import is_local
+        with self.goodput.timing("profile"):
+            self.local = (str(self.dst) if is_local(self.dst)
+                          else tempfile.mkdtemp(prefix="sessa-profile-"))
+            jax.profiler.start_trace(self.local, create_perfetto_trace=True)
+            self.on = True
+        say(f"profiling steps {k + 1}..{self.steps[1]} into {self.dst}")
+
+    def after_step(self, k: int, state) -> None:
+        if self.on and k >= self.steps[1]:
+            self.stop(state)
+
+    def stop(self, state=None) -> None:
+        if not self.on:
+            return
+        from sessa_jax.paths import copy_tree, is_local
+        with self.goodput.timing("profile"):
+            if state is not None:
+                jax.block_until_ready(state)  # the traced steps, not just their dispatch
+            jax.profiler.stop_trace()
+            self.on = False
+            if not is_local(self.dst):
+                import shutil
+                copy_tree(self.local, self.dst)
+                shutil.rmtree(self.local, ignore_errors=True)
+        say(f"profile written to {self.dst} (tensorboard --logdir {self.dst}, or open "
+            "plugins/profile/*/perfetto_trace.json.gz in ui.perfetto.dev)")
+
+
 # -- evaluation -------------------------------------------------------------------------------
 
 
 def run_eval(cfg: TrainConfig, task, setup: Setup, eval_step, params, *, split: str = "valid",
-             max_batches: Optional[int] = None) -> dict:
+             max_batches: Optional[int] = None, goodput: Optional[Goodput] = None) -> dict:
     """One pass over the eval split -> summarize_eval metrics (+ 'batches')."""
+    if goodput is not None:
+        with goodput.timing("eval"):
+            return run_eval(cfg, task, setup, eval_step, params, split=split,
+                            max_batches=max_batches)
     g = cfg.run.global_batch_size
     sharding = batch_sharding(setup.mesh, cfg.mesh.sharding_rules())
     block, blocks = process_rows(sharding, (g, cfg.data.seq_len))
@@ -258,9 +317,11 @@ def train(cfg: TrainConfig) -> RunResult:
             f"run.output_dir={cfg.run.output_dir!r}: cannot create it ({e})") from None
     ckpt = Checkpointer(run_dir, cfg.checkpoint)
     writer = MetricsWriter(run_dir, enabled=_main(), tensorboard=cfg.run.tensorboard)
+    goodput = Goodput(t_begin)
     try:
-        return _train(cfg, run_dir, task, setup, ckpt, writer, t_begin)
+        return _train(cfg, run_dir, task, setup, ckpt, writer, t_begin, goodput)
     finally:
+        goodput.close()
         ckpt.wait()
         ckpt.close()
         writer.close()
@@ -270,7 +331,7 @@ _SHARED_DIR_HINT = ("every process must see the same run.output_dir: a bucket (g
                     "shared filesystem, not each host's local disk")
 
 
-def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
+def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin, goodput) -> RunResult:
     G, T, total = cfg.run.global_batch_size, cfg.data.seq_len, cfg.run.steps
     n_params = param_count(cfg.model)
     say(f"{cfg.model.family} model: {fmt_count(n_params)} parameters, d_model "
@@ -330,7 +391,7 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
             rec["time"] = time.perf_counter() - t_begin
         ev = None
         if evaluate:
-            ev = run_eval(cfg, task, setup, eval_step, state_ref[0].params)
+            ev = run_eval(cfg, task, setup, eval_step, state_ref[0].params, goodput=goodput)
             track["last_eval"], track["last_eval_step"] = ev, k
             if _better(ev.get(best_name), track["best"], best_mode):
                 track["best"], track["best_step"] = ev[best_name], k
@@ -357,12 +418,16 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
     stopped_by = None
     k, pending = start, None
     sleep = float(os.environ.get("SESSA_DEBUG_STEP_SLEEP", "0") or 0)
+    profile = Profile(run_dir, cfg.run.profile_steps, goodput)
+    goodput.add("setup", t_begin, time.perf_counter())
     try:
         with StopSignals(cfg.run.stop_check_every) as signals:
             while k < total:
                 if sleep:
                     time.sleep(sleep)
-                batch = global_batch(step_batch(next(it)), sharding, G)
+                profile.before_step(k)
+                with goodput.timing("data"):
+                    batch = global_batch(step_batch(next(it)), sharding, G)
                 # the forward pass of the step about to be logged, before its update (donation)
                 log_next = (k + 1) % cfg.run.log_every == 0 or k + 1 == total
                 st = stats_step(state.params, batch) if stats_step and log_next else None
@@ -371,6 +436,7 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
                     m = {**m, **st}
                 state, k = new_state, k + 1  # together: (k, state) is always a finished step
                 state_ref[0] = state
+                profile.after_step(k, state)
                 if pending is not None:
                     handle(*pending, evaluate=False)
                     pending = None
@@ -381,10 +447,12 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
                 stopped_by = signals.requested(k, force=is_save)
                 if is_eval or is_save or stopped_by:
                     ev = handle(k, m, evaluate=bool(is_eval), force_log=bool(stopped_by))
-                    ckpt.save(k, state, cfg, metrics=ev)
-                    writer.flush()  # an object store's metrics.jsonl keeps up with saves
+                    with goodput.timing("checkpoint"):
+                        ckpt.save(k, state, cfg, metrics=ev)
+                        writer.flush()  # an object store's metrics.jsonl keeps up with saves
                     if stopped_by:
-                        ckpt.wait()
+                        with goodput.timing("checkpoint"):
+                            ckpt.wait()
                         # every process says it: each host's log shows the step it saved
                         who = (f"process {jax.process_index()}: " if jax.process_count() > 1
                                else "")
@@ -397,14 +465,21 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
             if pending is not None:
                 handle(*pending, evaluate=False)
     except Exception as e:
+        profile.stop()
         _save_before_failing(ckpt, cfg, k, start, state, e)
         raise
+    profile.stop(state)
+    with goodput.timing("checkpoint"):
+        ckpt.wait()  # the last save is part of this session's time
     if start >= total and track["last_eval"] is None:
         say(f"run already complete at step {start}/{total}: evaluating only")
         track["last_eval"], track["last_eval_step"] = run_eval(
-            cfg, task, setup, eval_step, state.params), start
+            cfg, task, setup, eval_step, state.params, goodput=goodput), start
 
     summary = _summary(cfg, track, k, start, t_begin, best_name, best_mode)
+    summary["goodput"] = goodput.report((k - start) * G * T, thr.flops_per_token,
+                                        thr.peak_total)
+    summary["compile_sec"] = summary["goodput"]["compile_sec"]
     summary["stopped_by"] = stopped_by
     summary["skipped_records"] = int(getattr(task, "skipped_records", 0))
     if _main():
@@ -460,10 +535,9 @@ def _summary(cfg, track, k, start, t_begin, best_name, best_mode) -> dict:
 
 def _print_summary(s: dict, cfg: TrainConfig, run_dir) -> None:
     print("-" * 72)
-    comp = f", compile {s['compile_sec']:.1f}s" if s["compile_sec"] else ""
     print(f"trained {s['steps_this_session']} steps this session (step {s['steps']}/"
           f"{cfg.run.steps}), {fmt_count(s['tokens_seen'])} tokens seen in total, wall time "
-          f"{fmt_duration(s['wall_time_sec'])}{comp}"
+          f"{fmt_duration(s['wall_time_sec'])}"
           + (f", {s['skipped_steps']} non-finite steps skipped" if s["skipped_steps"] else "")
           + (f", {s['skipped_records']} unreadable data records skipped "
              "(data.on_bad_record=skip)" if s.get("skipped_records") else ""))
@@ -486,6 +560,8 @@ def _print_summary(s: dict, cfg: TrainConfig, run_dir) -> None:
         v = b["value"]
         shown = f"{v:.1%}" if "accuracy" in b["metric"] else f"{v:.4f}"
         print(f"best eval {b['metric']}: {shown} at step {b['step']}")
+    if s.get("goodput"):
+        print(goodput_line(s["goodput"]))
     print(f"run directory: {run_dir}")
 
 
