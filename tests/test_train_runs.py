@@ -4,7 +4,8 @@ One tiny config (Sessa, d_model 16, 1 layer, T 16, 12 steps) is run several ways
 per-step losses in metrics.jsonl are compared with an uninterrupted 1-device run:
 
 - 8 devices as mesh (data=2, fsdp=2, tensor=2), killed by SIGTERM mid-way, resumed on the
-  same mesh and killed again, then resumed on 2 devices (fsdp=2): same losses throughout;
+  same mesh and killed again, then resumed on 2 devices (fsdp=2) with another model.remat:
+  same losses throughout;
 - two processes joined by jax.distributed on CPU (one device each), SIGTERM to one of them:
   both save the same step and exit 143, and the restart finishes with the same losses;
 - the newest checkpoint corrupted: load_model and sessa-eval warn and use the previous one.
@@ -165,11 +166,15 @@ def test_sigterm_resume_across_meshes_and_corrupt_checkpoint(config, reference, 
     hits = re.search(r"compilation cache: (\d+) hits", out)  # session 1 compiled these steps
     assert hits and int(hits.group(1)) > 0, out
     second = last_step(run_dir)
-    # 3) another device count and mesh shape: 2 devices, fsdp=2.
-    p = subprocess.run(cmd(config, run_dir, "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=1"),
+    # 3) another device count and mesh shape: 2 devices, fsdp=2; and another remat (execution
+    # only: the parameters and losses are the same).
+    p = subprocess.run(cmd(config, run_dir, "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=1",
+                           "model.remat=full"),
                        env=env_for(2), capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout + p.stderr
     assert f"resumed from step {second}" in p.stdout
+    assert ("resuming with changed execution settings (the parameters are the same): "
+            "model.remat 'none' -> 'full'") in p.stdout
     assert_same(losses(run_dir), reference, range(1, STEPS + 1))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["final_eval"]["examples"] == 8

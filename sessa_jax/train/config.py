@@ -616,16 +616,34 @@ def replace(cfg, **changes):
 # Fields that must match for a run directory to be resumed (performance knobs may differ).
 _DATA_FREE = ("num_threads", "prefetch", "on_bad_record")
 
+# ModelConfig fields that change how the model runs, never its parameters (their shapes,
+# names or dtype): a resume, sessa-eval and an export may set them anew. param_dtype and every
+# architecture field are not in this list.
+EXECUTION_FIELDS = ("attention_impl", "feedback_impl", "chunk_size", "feedback_segments",
+                    "feedback_inverse", "scan_impl", "ssm_chunk_size", "remat", "loss_chunk_size",
+                    "dtype")
 
-def check_resume_compatible(saved: TrainConfig, new: TrainConfig) -> None:
-    """Raise ConfigError naming the first model/data field that differs."""
+
+def check_resume_compatible(saved: TrainConfig, new: TrainConfig) -> list[str]:
+    """Raise ConfigError naming the first model/data field that differs and would change the
+    parameters or the data; return the execution settings that changed, as
+    ``"model.remat 'none' -> 'full'"`` (the caller says so)."""
+    changed = []
     for section in ("model", "data"):
         a, b = to_dict(getattr(saved, section)), to_dict(getattr(new, section))
         for k in a:
             if section == "data" and k in _DATA_FREE:
                 continue
-            if a[k] != b.get(k):
-                raise ConfigError(
-                    f"{section}.{k}={b.get(k)!r} differs from the run being resumed "
-                    f"({section}.{k}={a[k]!r}); use a new run.output_dir or the same value"
-                )
+            if a[k] == b.get(k):
+                continue
+            if section == "model" and k in EXECUTION_FIELDS:
+                changed.append(f"model.{k} {a[k]!r} -> {b.get(k)!r}")
+                continue
+            raise ConfigError(
+                f"{section}.{k}={b.get(k)!r} differs from the run being resumed "
+                f"({section}.{k}={a[k]!r}); use a new run.output_dir or the same value"
+                + (" (it changes the parameters; execution settings such as "
+                   + ", ".join(f"model.{f}" for f in EXECUTION_FIELDS[:4])
+                   + " may change)" if section == "model" else "")
+            )
+    return changed

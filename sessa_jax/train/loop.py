@@ -50,8 +50,8 @@ from sessa_jax.data import batches, eval_batches, num_eval_batches
 from sessa_jax.paths import PathError, append_text, user_path, write_text
 from sessa_jax.train.checkpoint import Checkpointer, config_from_meta
 from sessa_jax.train.config import (
-    ConfigError, TrainConfig, apply_overrides, check_resume_compatible, from_dict, save_config,
-    task_for,
+    EXECUTION_FIELDS, ConfigError, TrainConfig, apply_overrides, check_resume_compatible,
+    from_dict, save_config, task_for,
 )
 from sessa_jax.train.mesh import (
     all_processes, batch_sharding, check_batch, describe, device_kind, forget, global_batch,
@@ -347,7 +347,10 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin, goodput) -> RunResu
                           _SHARED_DIR_HINT)
     if steps:
         meta, _ = ckpt.read_meta()
-        check_resume_compatible(config_from_meta(meta), cfg)
+        changed = check_resume_compatible(config_from_meta(meta), cfg)
+        if changed:
+            say("resuming with changed execution settings (the parameters are the same): "
+                + ", ".join(changed))
         state, meta, start = ckpt.restore(abstract_with_shardings(setup))
         same_on_all_processes(start, "the step to resume from", _SHARED_DIR_HINT)
         writer.truncate_after(start)
@@ -569,8 +572,7 @@ def _print_summary(s: dict, cfg: TrainConfig, run_dir) -> None:
 
 # What sessa-eval may change: data (e.g. another seq_len), batch/eval size, mesh, execution.
 _EVAL_OVERRIDABLE = ("data.", "mesh.", "run.global_batch_size", "run.eval_batches",
-                     "run.compute_dtype", "model.dtype", "model.feedback_impl",
-                     "model.chunk_size", "model.scan_impl", "model.remat")
+                     "run.compute_dtype", *(f"model.{f}" for f in EXECUTION_FIELDS))
 
 
 def evaluate_checkpoint(run_dir: str, step: Optional[int] = None,
