@@ -207,15 +207,18 @@ def test_sigterm_resume_across_meshes_and_corrupt_checkpoint(config, reference, 
     assert step == steps[-2] and cfg.model.d_model == 16
     assert model(np.zeros((1, 16), np.int32)).shape == (1, 16, cfg.model.vocab_size)
 
-    # sessa-eval at another length falls back the same way and prints its metrics.
+    # sessa-eval at another length falls back the same way and prints its metrics; it runs on
+    # the mesh the checkpoint was trained on (8 devices here, enough for any of them).
     p = subprocess.run([sys.executable, "-c", "import sys; from sessa_jax.train.cli import "
                         "eval_main; sys.exit(eval_main())", "--run", str(run_dir),
-                        "data.seq_len=24"], env=env_for(1), capture_output=True, text=True,
+                        "data.seq_len=24"], env=env_for(8), capture_output=True, text=True,
                        timeout=240)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "unreadable" in p.stderr
     result = json.loads(p.stdout.strip().splitlines()[-1])
     assert result["step"] == steps[-2] and result["seq_len"] == 24 and result["examples"] == 8
+    trained = json.loads((ckpt / str(steps[-2]) / "meta" / "metadata").read_text())
+    assert result["mesh"] == {a: trained["config"]["mesh"][a] for a in ("data", "fsdp", "tensor")}
 
 
 def test_two_processes_with_jax_distributed(config, reference, tmp_path):

@@ -252,9 +252,7 @@ def run_tokenizer(train_cfg) -> Optional[str]:
 def export_run_hf(run_dir: str, out_dir: str, *, step: Optional[int] = None,
                   dtype: str = "fp32", max_shard_size="2GB") -> dict:
     """Export checkpoint ``step`` (default: newest) of a training run for Hugging Face."""
-    from flax import nnx
-
-    from sessa_jax.train.checkpoint import load_model
+    from sessa_jax.train.checkpoint import load_params_host
 
     if not out_path(run_dir).is_dir():
         raise ExportError(f"{run_dir}: no such run directory")
@@ -262,8 +260,7 @@ def export_run_hf(run_dir: str, out_dir: str, *, step: Optional[int] = None,
         raise ExportError(f"--dtype {dtype!r}: expected bf16 or fp32")
     parse_size(max_shard_size)
     out_path(out_dir)
-    model, cfg, s = load_model(run_dir, step)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params, cfg, s = load_params_host(run_dir, step)  # host memory only, never a device
     summary = export_hf(params, cfg.model, out_dir, dtype=dtype, max_shard_size=max_shard_size,
                         tokenizer=run_tokenizer(cfg),
                         extra={"step": int(s), "source_run": str(out_path(run_dir))})

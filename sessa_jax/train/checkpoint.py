@@ -315,6 +315,28 @@ class Checkpointer:
         s, out = self._restore_with_fallback(step, args, lambda o: {"params": o.state["params"]})
         return out.state["params"], out.meta, s
 
+    def restore_params_host(self, abstract_params, step: Optional[int] = None):
+        """Only the parameters, into host memory as NumPy arrays -> (params, meta, step).
+
+        No device holds them, not even briefly: an export of a model larger than one
+        accelerator's memory needs only host RAM. The digests are checked on the host too.
+        """
+        import numpy as np
+
+        item = {"params": abstract_params}
+        restore_args = jax.tree.map(
+            lambda a: ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype), item)
+
+        def args(_):
+            return ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item, restore_args=restore_args,
+                                             partial_restore=True),
+                meta=ocp.args.JsonRestore(),
+            )
+
+        s, out = self._restore_with_fallback(step, args, lambda o: {"params": o.state["params"]})
+        return out.state["params"], out.meta, s
+
     def read_meta(self, step: Optional[int] = None) -> tuple[dict, int]:
         """The JSON metadata of ``step`` (default: newest readable) -> (meta, step)."""
         s, out = self._restore_with_fallback(
@@ -350,6 +372,19 @@ def load_model(run_dir: str, step: Optional[int] = None, mesh=None):
                             setup.abstract.params, setup.shardings.params)
     params, _, s = ck.restore_params(abstract, step)
     return setup.model_def(params), cfg, s
+
+
+def load_params_host(run_dir: PathLike, step: Optional[int] = None):
+    """The parameters of checkpoint ``step`` (default: the newest readable one) as a pure dict
+    of NumPy arrays in host memory -> (params, TrainConfig, step); for exports."""
+    from sessa_jax.train.state import abstract_model
+
+    ck = Checkpointer(run_dir, read_only=True)
+    meta, s = ck.read_meta(step)
+    cfg = config_from_meta(meta)
+    _, abstract, _ = abstract_model(cfg.model)
+    params, _, s = ck.restore_params_host(abstract, step)  # falls back as load_model does
+    return params, cfg, s
 
 
 def read_json(path: PathLike) -> Any:

@@ -581,6 +581,10 @@ def evaluate_checkpoint(run_dir: str, step: Optional[int] = None,
 
     ``overrides`` (key=value) may change data.* (e.g. ``data.seq_len=1024`` to test length
     generalisation), mesh.*, run.global_batch_size/eval_batches and execution-only model fields.
+    The checkpoint is evaluated on the mesh it was trained on (its parameters placed as in
+    training: a model sharded over fsdp/tensor is never gathered onto fewer devices); where
+    that mesh does not fit the devices here (or the eval batch), on a data-parallel one over
+    all devices, with a line on stderr saying so. The result names the mesh used.
     """
     for o in overrides:
         key = o.split("=", 1)[0].strip()
@@ -591,8 +595,7 @@ def evaluate_checkpoint(run_dir: str, step: Optional[int] = None,
     ckpt = Checkpointer(run_dir, read_only=True)
     meta, _ = ckpt.read_meta(step)
     raw = meta["config"]
-    raw["mesh"] = {"data": -1, "fsdp": 1, "tensor": 1, "rules": raw["mesh"].get("rules", {})}
-    cfg = from_dict(apply_overrides(raw, overrides))
+    cfg = from_dict(apply_overrides(raw, overrides))  # the training mesh (+ mesh.* overrides)
     set_compilation_cache(cfg.run.compilation_cache_dir)  # the run's, if it had one
     task = task_for(cfg.data)
     try:
@@ -600,16 +603,33 @@ def evaluate_checkpoint(run_dir: str, step: Optional[int] = None,
             raise ValueError(f"split {split!r} is empty")
     except ValueError as e:
         raise ConfigError(f"--split {split}: {e}") from None
-    mesh = make_mesh(cfg.mesh)
-    check_batch(dataclasses.replace(cfg, optimizer=dataclasses.replace(
-        cfg.optimizer, grad_accum_steps=1)), mesh)
+
+    def eval_mesh(c):
+        m = make_mesh(c.mesh)
+        check_batch(dataclasses.replace(c, optimizer=dataclasses.replace(
+            c.optimizer, grad_accum_steps=1)), m)
+        return m
+
+    try:
+        mesh = eval_mesh(cfg)
+    except ConfigError as e:
+        if any(o.split("=", 1)[0].strip().startswith("mesh.") for o in overrides):
+            raise  # a mesh asked for explicitly: its error, not another mesh
+        dp = {"data": -1, "fsdp": 1, "tensor": 1, "rules": raw["mesh"].get("rules", {})}
+        cfg = from_dict(apply_overrides({**raw, "mesh": dp}, overrides))
+        mesh = eval_mesh(cfg)
+        if _main():
+            print(f"sessa-eval: the training mesh does not fit here ({e}); evaluating "
+                  f"data-parallel over {mesh.devices.size} device"
+                  f"{'s' if mesh.devices.size > 1 else ''}", file=sys.stderr, flush=True)
     setup = make_setup(cfg, mesh)
     abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                             setup.abstract.params, setup.shardings.params)
     params, _, s = ckpt.restore_params(abstract, step)
     eval_step = make_eval_step(cfg, setup, token_byte_lengths(task))
     ev = run_eval(cfg, task, setup, eval_step, params, split=split)
-    result = {"step": s, "split": split, "task": cfg.data.task, "seq_len": cfg.data.seq_len, **ev}
+    result = {"step": s, "split": split, "task": cfg.data.task, "seq_len": cfg.data.seq_len,
+              "mesh": {a: int(mesh.shape[a]) for a in ("data", "fsdp", "tensor")}, **ev}
     if _main():
         append_text(ckpt.run_dir / "eval_results.jsonl",
                     json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
