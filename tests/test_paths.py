@@ -12,7 +12,6 @@ import os
 
 import numpy as np
 import pytest
-from etils import epath
 from etils.epath import backend as epath_backend
 from etils.epath import gpath
 
@@ -180,7 +179,6 @@ def test_a_gs_run_dir_reaches_checkpoints_metrics_and_config_unchanged(gcs, monk
 
 
 def test_export_and_load_pretrained_through_a_gs_uri(gcs):
-    import jax
     from flax import nnx
 
     from sessa_jax.export import export_params, load_pretrained
@@ -197,7 +195,6 @@ def test_export_and_load_pretrained_through_a_gs_uri(gcs):
     back = load_pretrained("gs://bucket/exp")
     x = np.arange(8, dtype=np.int32)[None]
     np.testing.assert_array_equal(np.asarray(back(x)), np.asarray(model(x)))
-    del jax
 
 
 def test_data_globs_and_prepared_shards_on_a_gs_uri(gcs):

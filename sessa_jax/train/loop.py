@@ -43,7 +43,6 @@ import time
 from typing import Optional, Sequence
 
 import jax
-import numpy as np
 from etils import epath
 
 from sessa_jax.data import batches, eval_batches, num_eval_batches
