@@ -182,6 +182,55 @@ def test_a_value_that_differs_from_its_digest_is_named(run, tmp_path):
     assert step == 1 and f"array {name}" in str(rec[0].message), rec[0].message
 
 
+def test_export_reads_parameters_into_host_memory_and_verifies_them_there(run, tmp_path,
+                                                                          monkeypatch):
+    """load_params_host (sessa-export's reader): NumPy arrays, no device transfer or jit, the
+    same bits as saved; a digest mismatch is still named and falls back."""
+    from sessa_jax.train.checkpoint import _meta_digest, load_params_host
+
+    run_dir, cfg, setup, params = run
+    d = copy_without(run_dir, tmp_path)
+    path = d / "checkpoints" / "2" / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    name = sorted(k for k in meta["checksums"]["arrays"] if k.startswith("params."))[-1]
+    meta["checksums"]["arrays"][name] = "0" * 16
+    meta["meta_sha256"] = _meta_digest(meta)
+    path.write_text(json.dumps(meta))
+
+    def no_device(*a, **k):
+        raise AssertionError("the parameters went to a device")
+
+    monkeypatch.setattr(jax, "device_put", no_device)
+    monkeypatch.setattr(jax, "jit", no_device)
+    got, _, step = load_params_host(run_dir, step=2)
+    assert step == 2 and all(type(x) is np.ndarray for x in jax.tree.leaves(got))
+    assert params_equal(got, params[2])
+    with pytest.warns(RuntimeWarning, match=rf"array {name} does not match its checksum"):
+        got, _, step = load_params_host(str(d))
+    assert step == 1 and params_equal(got, params[1])
+
+
+def test_eval_uses_the_training_mesh_or_says_why_not(run, tmp_path, capsys):
+    """A checkpoint trained on (fsdp=2) evaluated on one device: data-parallel, with a line."""
+    from sessa_jax.train.checkpoint import _meta_digest
+    from sessa_jax.train.loop import evaluate_checkpoint
+
+    run_dir, cfg, setup, params = run
+    d = copy_without(run_dir, tmp_path)
+    path = d / "checkpoints" / "2" / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    meta["config"]["mesh"].update(data=1, fsdp=2, tensor=1)
+    meta["meta_sha256"] = _meta_digest(meta)
+    path.write_text(json.dumps(meta))
+    got = evaluate_checkpoint(str(d), step=1)  # trained on this single device: kept
+    assert got["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1} and not capsys.readouterr().err
+    got = evaluate_checkpoint(str(d), step=2)
+    err = capsys.readouterr().err
+    assert "the training mesh does not fit here (mesh.data=1 x mesh.fsdp=2 x mesh.tensor=1 " \
+           "needs 2 devices" in err and "evaluating data-parallel over 1 device" in err, err
+    assert got["step"] == 2 and got["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+
+
 def test_random_corruptions_are_detected_or_harmless(run, tmp_path):
     """N_TRIAL random corruptions of step 2 (kind, file and offset at random): each either falls
     back to step 1 or restores step 2's exact values. None restores different values.

@@ -175,6 +175,12 @@ def write(tmp_path, cfg, name="c.yaml"):
     ("model.gamma_max=.nan", "model.gamma_max: expected a finite number"),
     ("run.steps=1e999", "run.steps: expected int"),
     ("data.seq_len=.inf", "data.seq_len: expected int"),
+    ("run.compilation_cache_dir=memory://x",
+     "run.compilation_cache_dir='memory://x': expected a local path or a URI"),
+    ("run.output_dir=memory://x", "run.output_dir='memory://x': expected a local path or a URI"),
+    ("run.stop_check_every=0", "run.stop_check_every=0: expected a positive integer"),
+    ("run.profile_steps=[3,1]", "run.profile_steps=[3, 1]: expected null or [a, b] with 0 <= a"),
+    ("run.profile_steps=[2,9]", "<= run.steps=4"),
 ])
 def test_non_finite_and_non_positive_numbers_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError, match=None) as e:

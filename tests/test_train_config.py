@@ -88,6 +88,17 @@ def test_resume_compatibility_names_the_field():
     check_resume_compatible(a, from_dict({**TINY, "run": {**TINY["run"], "steps": 9}}))
     with pytest.raises(ConfigError, match=r"data.seq_len=32 differs"):
         check_resume_compatible(a, b)
+    # execution settings may change (and are listed); parameter-changing fields may not
+    def model(**kw):
+        return from_dict({**TINY, "model": {**TINY["model"], **kw}})
+
+    c = model(remat="full", chunk_size=8, loss_chunk_size=4)
+    assert check_resume_compatible(a, c) == ["model.chunk_size 512 -> 8",
+                                             "model.remat 'none' -> 'full'",
+                                             "model.loss_chunk_size 0 -> 4"]
+    for key, value in (("d_model", 32), ("param_dtype", "bfloat16"), ("mlp_ratio", 2)):
+        with pytest.raises(ConfigError, match=rf"model.{key}=.* differs .*changes the param"):
+            check_resume_compatible(a, model(**{key: value}))
 
 
 def run_cli(main, argv, capsys):

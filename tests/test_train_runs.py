@@ -4,14 +4,18 @@ One tiny config (Sessa, d_model 16, 1 layer, T 16, 12 steps) is run several ways
 per-step losses in metrics.jsonl are compared with an uninterrupted 1-device run:
 
 - 8 devices as mesh (data=2, fsdp=2, tensor=2), killed by SIGTERM mid-way, resumed on the
-  same mesh and killed again, then resumed on 2 devices (fsdp=2): same losses throughout;
-- two processes joined by jax.distributed on CPU (one device each): same losses, checkpoints;
+  same mesh and killed again, then resumed on 2 devices (fsdp=2) with another model.remat:
+  same losses throughout;
+- two processes joined by jax.distributed on CPU (one device each), SIGTERM to one of them:
+  both save the same step and exit 143, and the restart finishes with the same losses;
 - the newest checkpoint corrupted: load_model and sessa-eval warn and use the previous one.
-Retention (last 2 + best by eval loss) is checked across the resumes.
+Retention (last 2 + best by eval loss) is checked across the resumes, a persistent compilation
+cache across the two 8-device sessions, and the reference run's profile trace and goodput.
 """
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -108,22 +112,50 @@ def config(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(config, tmp_path_factory):
+def reference_run(config, tmp_path_factory):
+    """The uninterrupted 1-device run (profiling steps 2..3 on the way) -> (run dir, stdout)."""
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    p = subprocess.run(cmd(config, run_dir), env=env_for(1), capture_output=True, text=True,
-                       timeout=240)
+    p = subprocess.run(cmd(config, run_dir, "run.profile_steps=[1,3]"), env=env_for(1),
+                       capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout + p.stderr
-    got = losses(run_dir)
+    return run_dir, p.stdout
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    got = losses(reference_run[0])
     assert sorted(got) == list(range(1, STEPS + 1))
     return got
 
 
+def test_profile_trace_and_goodput_summary(reference_run):
+    """run.profile_steps leaves a jax.profiler trace (TensorBoard's XPlane file and Perfetto's
+    JSON) under the run directory; the summary's goodput buckets add up to the wall time."""
+    run_dir, out = reference_run
+    found = [os.path.join(d, f) for d, _, fs in os.walk(run_dir / "profile") for f in fs]
+    assert any(f.endswith(".xplane.pb") for f in found), found
+    assert any(f.endswith("perfetto_trace.json.gz") for f in found), found
+    assert "profiling steps 2..3 into" in out
+    g = json.loads((run_dir / "summary.json").read_text())["goodput"]
+    parts = ["compile_sec", "setup_sec", "data_sec", "checkpoint_sec", "eval_sec",
+             "profile_sec", "step_sec"]
+    assert all(g[k] >= 0 for k in parts), g
+    assert g["compile_sec"] > 0 and g["checkpoint_sec"] > 0 and g["profile_sec"] > 0, g
+    assert sum(g[k] for k in parts) == pytest.approx(g["total_sec"], rel=1e-6), g
+    assert g["mfu"] is None and "MFU n/a" in out  # a CPU has no known peak
+    assert g["tokens_per_sec"] > 0 and 0 < g["goodput"] <= 1
+
+
 def test_sigterm_resume_across_meshes_and_corrupt_checkpoint(config, reference, tmp_path):
     run_dir = tmp_path / "run"
-    slow = dict(SESSA_DEBUG_STEP_SLEEP=0.25)
-    # 1) 8 devices (2, 2, 2); killed past the step-4 checkpoint.
-    mesh8 = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+    # every compile is cached (the default keeps only those of 1 s or more)
+    slow = dict(SESSA_DEBUG_STEP_SLEEP=0.25, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0)
+    # 1) 8 devices (2, 2, 2), with a persistent compilation cache; killed past the step-4
+    # checkpoint.
+    cache = tmp_path / "compile-cache"
+    mesh8 = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", f"run.compilation_cache_dir={cache}"]
     run_until_then_term(cmd(config, run_dir, *mesh8), env_for(8, **slow), run_dir, past=4)
+    assert any(name.startswith("jit_") for name in os.listdir(cache)), os.listdir(cache)
     first = last_step(run_dir)
     assert 5 <= first < STEPS
     assert_same(losses(run_dir), reference, range(1, first + 1))  # 8 devices == 1 device
@@ -131,12 +163,18 @@ def test_sigterm_resume_across_meshes_and_corrupt_checkpoint(config, reference, 
     out = run_until_then_term(cmd(config, run_dir, *mesh8), env_for(8, **slow), run_dir,
                               past=first)
     assert f"resumed from step {first}" in out
+    hits = re.search(r"compilation cache: (\d+) hits", out)  # session 1 compiled these steps
+    assert hits and int(hits.group(1)) > 0, out
     second = last_step(run_dir)
-    # 3) another device count and mesh shape: 2 devices, fsdp=2.
-    p = subprocess.run(cmd(config, run_dir, "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=1"),
+    # 3) another device count and mesh shape: 2 devices, fsdp=2; and another remat (execution
+    # only: the parameters and losses are the same).
+    p = subprocess.run(cmd(config, run_dir, "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=1",
+                           "model.remat=full"),
                        env=env_for(2), capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout + p.stderr
     assert f"resumed from step {second}" in p.stdout
+    assert ("resuming with changed execution settings (the parameters are the same): "
+            "model.remat 'none' -> 'full'") in p.stdout
     assert_same(losses(run_dir), reference, range(1, STEPS + 1))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["final_eval"]["examples"] == 8
@@ -169,33 +207,61 @@ def test_sigterm_resume_across_meshes_and_corrupt_checkpoint(config, reference, 
     assert step == steps[-2] and cfg.model.d_model == 16
     assert model(np.zeros((1, 16), np.int32)).shape == (1, 16, cfg.model.vocab_size)
 
-    # sessa-eval at another length falls back the same way and prints its metrics.
+    # sessa-eval at another length falls back the same way and prints its metrics; it runs on
+    # the mesh the run was trained on (8 devices here, enough for any of its meshes).
     p = subprocess.run([sys.executable, "-c", "import sys; from sessa_jax.train.cli import "
                         "eval_main; sys.exit(eval_main())", "--run", str(run_dir),
-                        "data.seq_len=24"], env=env_for(1), capture_output=True, text=True,
+                        "data.seq_len=24"], env=env_for(8), capture_output=True, text=True,
                        timeout=240)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "unreadable" in p.stderr
     result = json.loads(p.stdout.strip().splitlines()[-1])
     assert result["step"] == steps[-2] and result["seq_len"] == 24 and result["examples"] == 8
+    # the run's config is read from the newest readable metadata (step 12's, of session 3)
+    assert result["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}, result
 
 
 def test_two_processes_with_jax_distributed(config, reference, tmp_path):
+    """Two processes joined by jax.distributed on CPU. SIGTERM reaches process 1 only: they agree
+    on it at the next agreement step (run.stop_check_every=3, and every checkpoint step), both
+    save that same step and exit 143; restarted, they resume from it and finish with the
+    losses of the 1-process reference."""
     run_dir = tmp_path / "run"
-    port = free_port()
-    procs = [
-        subprocess.Popen(cmd(config, run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, env=env_for(1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                                                JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i))
-        for i in range(2)
-    ]
+
+    def start(**extra):
+        port = free_port()
+        return [subprocess.Popen(
+            cmd(config, run_dir, "run.stop_check_every=3"), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+            env=env_for(1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=2,
+                        JAX_PROCESS_ID=i, **extra)) for i in range(2)]
+
+    procs = start(SESSA_DEBUG_STEP_SLEEP=0.25)
+    deadline = time.time() + 240
+    while last_step(run_dir) <= 4 and procs[0].poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert procs[0].poll() is None and procs[1].poll() is None, "ended before the signal"
+    procs[1].send_signal(signal.SIGTERM)
     results = [finish(p) for p in procs]
+    saved = []
+    for i, (code, out) in enumerate(results):
+        assert code == 143, out
+        got = re.findall(rf"process {i}: SIGTERM: saved checkpoint at step (\d+)", out)
+        assert len(got) == 1, out
+        saved.append(int(got[0]))
+    assert "process 1: SIGTERM received" in results[1][1]
+    stop = saved[0]
+    assert saved == [stop, stop] and 4 < stop < STEPS and (stop % 3 == 0 or stop % 4 == 0)
+    assert "mesh data=2 fsdp=1 tensor=1 on 2 x cpu (2 processes)" in results[0][1]
+    assert stop in {int(s) for s in os.listdir(run_dir / "checkpoints") if s.isdigit()}
+
+    results = [finish(p) for p in start()]
     for code, out in results:
         assert code == 0, out
-    assert "mesh data=2 fsdp=1 tensor=1 on 2 x cpu (2 processes)" in results[0][1]
+    assert f"resumed from step {stop}" in results[0][1]
     assert_same(losses(run_dir), reference, range(1, STEPS + 1))
     steps = sorted(int(s) for s in os.listdir(run_dir / "checkpoints") if s.isdigit())
-    assert set(steps) >= {8, STEPS} and len(steps) <= 3
+    assert STEPS in steps and len(steps) <= 3
 
 
 def test_bench_multi_gpu_smoke_on_fake_cpu_devices(tmp_path):

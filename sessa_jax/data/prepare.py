@@ -21,7 +21,9 @@ preparation serves every ``seq_len``.
 
 Bad files (missing, binary, not UTF-8, empty, malformed JSONL or Parquet) are reported by name:
 ``on_bad_file='error'`` stops the run with that message, ``'skip'`` lists them in the report and
-in meta.json and goes on. The output directory is local (ArrayRecord writes local files).
+in meta.json and goes on. The output directory may be local or a URI (gs://...): ArrayRecord
+writes local files, so for a URI each shard is written to a local temporary directory and then
+copied up (readers open gs:// shards directly).
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ import json
 import multiprocessing
 import os
 import pathlib
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from typing import Iterator, Optional, Sequence
 
@@ -46,6 +50,7 @@ from sessa_jax.data.sources import (
     DOCUMENT_UNITS, FORMATS, BadFile, check_file, expand_paths, read_documents,
 )
 from sessa_jax.data.tokenizer import fingerprint, load_tokenizer
+from sessa_jax.paths import PathError, is_local, user_path, write_text
 
 FORMAT = "sessa_jax.documents.v1"
 META_FILE, PLAN_FILE = "meta.json", "plan.json"
@@ -145,9 +150,10 @@ def prepare_shard(out_dir: str, k: int, files: Sequence[str], opts: ReadOptions)
 
     tok = _tokenizer(opts.tokenizer)
     dtype = token_dtype(tok.vocab_size)
-    out = pathlib.Path(out_dir)
+    out = user_path(out_dir)
     base = _shard_name(k)
-    tmp = out / f"{base}.array_record.{os.getpid()}.tmp"  # pid: an orphan cannot collide
+    work = out if is_local(out) else pathlib.Path(tempfile.mkdtemp(prefix="sessa-prepare-"))
+    tmp = work / f"{base}.array_record.{os.getpid()}.tmp"  # pid: an orphan cannot collide
     report, index = _new_report(), []
     kill = os.environ.get(KILL_HOOK)
     # group_size:1: every record is its own chunk, so a row reads only the records it needs.
@@ -168,16 +174,28 @@ def prepare_shard(out_dir: str, k: int, files: Sequence[str], opts: ReadOptions)
     writer.close()
     report["records"] = len(index)
     idx = np.asarray(index, np.int64).reshape(-1, 2)
-    idx_tmp = out / f"{base}.index.{os.getpid()}.tmp"
+    idx_tmp = work / f"{base}.index.{os.getpid()}.tmp"
     with open(idx_tmp, "wb") as f:
         np.save(f, idx, allow_pickle=False)
-    os.replace(tmp, out / f"{base}.array_record")
-    os.replace(idx_tmp, out / f"{base}.index.npy")
+    _publish(tmp, out / f"{base}.array_record")
+    _publish(idx_tmp, out / f"{base}.index.npy")
+    if work is not out:
+        shutil.rmtree(work, ignore_errors=True)
     report["shard"] = k
-    done_tmp = out / f"{base}.json.{os.getpid()}.tmp"
-    done_tmp.write_text(json.dumps(report, indent=1))
-    os.replace(done_tmp, out / f"{base}.json")  # last: the shard is done
+    write_text(out / f"{base}.json", json.dumps(report, indent=1))  # last: the shard is done
     return report
+
+
+def _publish(local_tmp, dst) -> None:
+    """A finished local temporary file -> its place: renamed on a local disk, copied up (then
+    removed) on an object store."""
+    if is_local(dst):
+        os.replace(local_tmp, dst)
+    else:
+        # streamed through dst's own backend (a local path's copy() cannot write gs://)
+        with open(local_tmp, "rb") as src, epath.Path(dst).open("wb") as f:
+            shutil.copyfileobj(src, f, 1 << 20)
+        os.remove(local_tmp)
 
 
 def _job(args) -> dict:
@@ -231,7 +249,7 @@ class Progress:
             print(file=sys.stderr, flush=True)
 
 
-def _clear(out: pathlib.Path) -> None:
+def _clear(out: epath.Path) -> None:
     for p in list(out.glob("shard-*")) + [out / PLAN_FILE, out / META_FILE]:
         if p.exists():
             p.unlink()
@@ -257,7 +275,10 @@ def prepare(inputs: Sequence[str], output_dir: str, opts: ReadOptions = ReadOpti
         raise ValueError(f"workers={workers!r}: expected a positive integer")
     if shard_bytes is not None and (not isinstance(shard_bytes, int) or shard_bytes < 1):
         raise ValueError(f"shard_bytes={shard_bytes!r}: expected a positive integer")
-    out = pathlib.Path(output_dir)
+    try:
+        out = user_path(output_dir)
+    except PathError as e:
+        raise DataError(str(e)) from None
     if (out / META_FILE).exists() and not overwrite:
         raise DataError(f"{output_dir}: already holds a prepared corpus ({META_FILE}); "
                         "pass overwrite=True (--overwrite) to replace it")
@@ -319,7 +340,7 @@ def prepare(inputs: Sequence[str], output_dir: str, opts: ReadOptions = ReadOpti
     return _finish(out, plan, tok, opts, len(shards))
 
 
-def _finish(out: pathlib.Path, plan: dict, tok, opts: ReadOptions, num_shards: int) -> dict:
+def _finish(out: epath.Path, plan: dict, tok, opts: ReadOptions, num_shards: int) -> dict:
     reports = [json.loads((out / f"{_shard_name(k)}.json").read_text())
                for k in range(num_shards)]
     total = {key: sum(r[key] for r in reports)
@@ -343,14 +364,12 @@ def _finish(out: pathlib.Path, plan: dict, tok, opts: ReadOptions, num_shards: i
         "files_skipped": len(skipped),
         "skipped": skipped,
     }
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out / META_FILE)
+    write_text(out / META_FILE, json.dumps(meta, indent=1))
     return meta
 
 
 def read_meta(directory: str) -> dict:
-    path = epath.Path(directory) / META_FILE
+    path = user_path(directory) / META_FILE
     try:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -363,7 +382,7 @@ def read_meta(directory: str) -> dict:
 
 def is_prepared(path: str) -> bool:
     try:
-        return (epath.Path(path) / META_FILE).is_file()
+        return (user_path(path) / META_FILE).is_file()
     except Exception:
         return False
 
@@ -381,7 +400,7 @@ class PreparedCorpus:
         import grain
 
         self.meta = meta = read_meta(directory)
-        base = epath.Path(directory)
+        base = user_path(directory)
         lengths, starts = [], []
         self.paths, self.sources, self.first = [], [], []  # per non-empty shard
         total = 0
@@ -467,7 +486,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "data.text.paths=[DIR].")
     ap.add_argument("--input", nargs="+", required=True, metavar="GLOB",
                     help="files or globs, local or gs:// (quote globs)")
-    ap.add_argument("--output", required=True, metavar="DIR", help="output directory (local)")
+    ap.add_argument("--output", required=True, metavar="DIR",
+                    help="output directory, local or gs://")
     ap.add_argument("--tokenizer", default="bytes",
                     help="'bytes' (default), a tokenizer.json, or a SentencePiece .model")
     ap.add_argument("--format", default="auto", choices=FORMATS, dest="input_format",

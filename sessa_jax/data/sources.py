@@ -24,9 +24,9 @@ import json
 import os
 from typing import Iterable, Iterator, Optional
 
-from etils import epath
 
 from sessa_jax.data.errors import DataError
+from sessa_jax.paths import PathError, is_local, user_path
 
 FORMATS = ("auto", "text", "jsonl", "parquet")
 DOCUMENT_UNITS = ("file", "line")
@@ -68,21 +68,29 @@ def _glob_split(pattern: str) -> tuple[str, str]:
 
 
 def _glob_files(pattern: str) -> list[str]:
-    """Sorted files matching a glob: local with ``**`` (recursive), cloud through epath."""
-    if "://" not in pattern:
-        return sorted(p for p in _glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    """Sorted files matching a glob: local (``~`` expanded, absolute) with ``**`` (recursive),
+    cloud through epath."""
+    if is_local(pattern):
+        local = str(user_path(pattern))
+        return sorted(p for p in _glob.glob(local, recursive=True) if os.path.isfile(p))
     base, rest = _glob_split(pattern)  # epath globs below a literal base ('**' not on GCS)
-    return sorted(str(p) for p in epath.Path(base).glob(rest) if p.is_file())
+    return sorted(str(p) for p in user_path(base).glob(rest) if p.is_file())
 
 
 def expand_paths(patterns: Iterable[str]) -> tuple[list[str], list[dict]]:
     """(files in order without duplicates, problems [{"path", "reason"}]) for paths and globs.
 
     A glob's matches are sorted; a glob matching nothing, a missing path and a directory are
-    problems (the caller raises or skips them as configured).
+    problems (the caller raises or skips them as configured). Files are named as
+    :func:`sessa_jax.paths.user_path` resolves them: URIs as given, local paths absolute.
     """
     files, problems = [], []
     for pattern in patterns:
+        try:
+            p = user_path(pattern)
+        except PathError as e:
+            problems.append({"path": pattern, "reason": str(e).split(": ", 1)[-1]})
+            continue
         if _glob.has_magic(pattern):
             try:
                 matches = _glob_files(pattern)
@@ -93,20 +101,19 @@ def expand_paths(patterns: Iterable[str]) -> tuple[list[str], list[dict]]:
                 problems.append({"path": pattern, "reason": "glob matched no files"})
             files.extend(matches)
             continue
-        p = epath.Path(pattern)
         if p.is_dir():
             problems.append({"path": pattern, "reason": "is a directory without meta.json: "
                              "pass a glob such as DIR/*.txt, or a prepared directory"})
         elif not p.exists():
             problems.append({"path": pattern, "reason": "file not found"})
         else:
-            files.append(pattern)
+            files.append(str(p))
     return list(dict.fromkeys(files)), problems
 
 
 def _blocks(path: str) -> Iterator[bytes]:
     try:
-        with epath.Path(path).open("rb") as f:
+        with user_path(path).open("rb") as f:
             while True:
                 block = f.read(_READ_BYTES)
                 if not block:
@@ -184,7 +191,7 @@ def _parquet_file(path: str, field: str):
         raise DataError(f"{path}: reading Parquet needs the 'pyarrow' package "
                         "(pip install pyarrow)") from None
     try:
-        pf = pq.ParquetFile(epath.Path(path).open("rb"))
+        pf = pq.ParquetFile(user_path(path).open("rb"))
     except Exception as e:  # pyarrow.ArrowInvalid and friends
         raise BadFile(path, f"not a readable Parquet file ({str(e).splitlines()[0]})") from None
     names = pf.schema_arrow.names
@@ -248,6 +255,6 @@ def check_file(path: str, fmt: str = "auto", field: str = "text",
         for _, line in _text_lines(path):
             content = content or bool(line.strip())
     if not content:
-        size = epath.Path(path).stat().length
+        size = user_path(path).stat().length
         raise BadFile(path, "empty file (0 bytes)" if size == 0 else
                       f"empty file (only whitespace, {size} bytes)")

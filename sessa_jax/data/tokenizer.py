@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Sequence
 
 import numpy as np
@@ -68,7 +67,13 @@ class SentencePieceTokenizer:
     """A SentencePiece ``.model`` file; specials it lacks are appended after its pieces."""
 
     def __init__(self, path: str):
-        if not os.path.isfile(path):  # before the import: a typo is not a missing package
+        from sessa_jax.paths import user_path
+
+        try:
+            found = user_path(path).is_file()
+        except Exception:  # an unknown URI scheme, an unreachable bucket
+            found = False
+        if not found:  # before the import: a typo is not a missing package
             raise DataError(f"tokenizer={path!r}: file not found (expected 'bytes' or the path "
                             "of a SentencePiece .model file)")
         try:
@@ -79,7 +84,8 @@ class SentencePieceTokenizer:
                 "(pip install sentencepiece), or use tokenizer='bytes'"
             ) from None
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=path)
+            # local or a URI: SentencePiece reads the serialized model from memory
+            self.sp = spm.SentencePieceProcessor(model_proto=user_path(path).read_bytes())
         except Exception as e:  # sentencepiece raises plain RuntimeError/OSError
             raise DataError(f"tokenizer={path!r}: not a readable SentencePiece model ({e})") from e
         self.spec = path  # ids are identified by the file's sha256 (fingerprint), not its path
@@ -135,11 +141,12 @@ class HFTokenizer:
     """A Hugging Face ``tokenizers`` file (``tokenizer.json``); specials it lacks are appended."""
 
     def __init__(self, path: str):
-        from etils import epath
         import tokenizers
 
+        from sessa_jax.paths import user_path
+
         try:
-            raw = epath.Path(path).read_text(encoding="utf-8")
+            raw = user_path(path).read_text(encoding="utf-8")
         except Exception as e:  # FileNotFoundError, PermissionError, gcs errors, bad UTF-8
             raise DataError(f"tokenizer={path!r}: cannot read the tokenizer file "
                             f"({_first_line(e)})") from None
@@ -210,8 +217,8 @@ def fingerprint(tok) -> str:
     if tok.spec == "bytes":
         return "bytes"
     if getattr(tok, "sha256", None) is None:
-        from etils import epath
-        tok.sha256 = hashlib.sha256(epath.Path(tok.spec).read_bytes()).hexdigest()
+        from sessa_jax.paths import user_path
+        tok.sha256 = hashlib.sha256(user_path(tok.spec).read_bytes()).hexdigest()
     return tok.sha256
 
 

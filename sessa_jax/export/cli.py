@@ -10,7 +10,6 @@ checkpoint (unreadable, checksum mismatch, non-finite weights).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Optional, Sequence
 
@@ -68,9 +67,11 @@ def _export_hf(args) -> int:
         return fail("sessa-export", e, EXIT_CHECKPOINT)
     from sessa_jax.export.core import make_readable
 
-    for name in os.listdir(s["out_dir"]):  # exports are shared: 0644, as the native format
-        if os.path.isfile(os.path.join(s["out_dir"], name)):
-            make_readable(os.path.join(s["out_dir"], name))
+    from sessa_jax.paths import user_path
+
+    for f in user_path(s["out_dir"]).iterdir():  # exports are shared: 0644, as native ones
+        if f.is_file():
+            make_readable(f)
     print(f"exported step {s['step']} for Hugging Face: {s['n_params']:,} parameters in "
           f"{s['n_tensors']} tensors, {s['total_bytes'] / 1e6:.2f} MB {s['dtype']}, "
           f"{len(s['files'])} file(s) -> {s['out_dir']}; load with "

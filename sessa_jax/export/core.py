@@ -10,6 +10,9 @@ from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
+from etils import epath
+
+from sessa_jax.paths import PathError, PathLike, is_local, local_copy, user_path
 
 FORMAT = "sessa_jax.export.v1"
 CONFIG_NAME = "config.json"
@@ -24,17 +27,37 @@ class ExportError(ValueError):
     """A bad export directory or a mismatch between its tensors and its config."""
 
 
-def file_sha256(path: str) -> str:
+def file_sha256(path: PathLike) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with user_path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def make_readable(path: str) -> None:
-    """Mode 0644: exports are shared (safetensors writes its files 0600)."""
-    os.chmod(path, 0o644)
+def make_readable(path: PathLike) -> None:
+    """Mode 0644: exports are shared (safetensors writes its files 0600). Object stores have
+    no modes: nothing to do there."""
+    if is_local(path):
+        os.chmod(path, 0o644)
+
+
+def out_path(path: PathLike) -> epath.Path:
+    """An export's output or input directory as an epath.Path (ExportError for a bad URI)."""
+    try:
+        return user_path(path)
+    except PathError as e:
+        raise ExportError(str(e)) from None
+
+
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: PathLike, metadata: dict) -> None:
+    """safetensors.numpy.save_file, also to an object store (serialized in memory, one write)."""
+    from safetensors.numpy import save, save_file
+
+    if is_local(path):
+        save_file(dict(tensors), os.fspath(path), metadata=metadata)
+    else:
+        user_path(path).write_bytes(save(dict(tensors), metadata=metadata))
 
 
 def check_finite(name: str, a: np.ndarray, where: str) -> None:
@@ -84,11 +107,11 @@ def plan_shards(tensors: Mapping[str, Any], limit: int) -> list[list[str]]:
     return shards
 
 
-def remove_old_shards(out_dir: str) -> None:
+def remove_old_shards(out_dir: PathLike) -> None:
     """A re-export must not leave stale shards behind."""
-    for old in os.listdir(out_dir):
-        if old.endswith(".safetensors") or old == INDEX_NAME:
-            os.remove(os.path.join(out_dir, old))
+    for old in user_path(out_dir).iterdir():
+        if old.name.endswith(".safetensors") or old.name == INDEX_NAME:
+            old.unlink()
 
 
 def mismatch_listing(missing, unexpected, bad) -> str:
@@ -114,8 +137,6 @@ def export_params(params, model_cfg, out_dir: str, *, dtype: str = "fp32",
     """
     import dataclasses
 
-    from safetensors.numpy import save_file
-
     from sessa_jax.train.config import to_dict
 
     if dtype not in _DTYPES:
@@ -131,24 +152,25 @@ def export_params(params, model_cfg, out_dir: str, *, dtype: str = "fp32",
         tensors[name] = np.array(a, order="C")  # (ascontiguousarray makes 0-d 1-d)
 
     shards = plan_shards(tensors, limit)
-    os.makedirs(out_dir, exist_ok=True)
-    remove_old_shards(out_dir)
+    out = out_path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_old_shards(out)
     meta = {"format": FORMAT}
     n = len(shards)
     files = []
     weight_map = {}
     for i, names in enumerate(shards):
         fname = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        save_file({k: tensors[k] for k in names}, os.path.join(out_dir, fname), metadata=meta)
-        make_readable(os.path.join(out_dir, fname))
+        save_safetensors({k: tensors[k] for k in names}, out / fname, meta)
+        make_readable(out / fname)
         files.append(fname)
         weight_map.update({k: fname for k in names})
     total = sum(a.nbytes for a in tensors.values())
     if n > 1:
-        with open(os.path.join(out_dir, INDEX_NAME), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total, "format": FORMAT},
-                       "weight_map": weight_map}, f, indent=1, sort_keys=True)
-        make_readable(os.path.join(out_dir, INDEX_NAME))
+        (out / INDEX_NAME).write_text(
+            json.dumps({"metadata": {"total_size": total, "format": FORMAT},
+                        "weight_map": weight_map}, indent=1, sort_keys=True), encoding="utf-8")
+        make_readable(out / INDEX_NAME)
 
     model_dict = to_dict(model_cfg)
     if _DTYPES[dtype] != "float32":  # the loaded model holds the parameters in this dtype
@@ -156,11 +178,10 @@ def export_params(params, model_cfg, out_dir: str, *, dtype: str = "fp32",
     config = {"format": FORMAT, "model": model_dict, "export_dtype": _DTYPES[dtype],
               "n_params": int(sum(a.size for a in tensors.values())),
               # load_pretrained verifies these: a damaged file is refused, not loaded
-              "sha256": {f: file_sha256(os.path.join(out_dir, f)) for f in files}}
+              "sha256": {f: file_sha256(out / f) for f in files}}
     config.update(extra or {})
-    with open(os.path.join(out_dir, CONFIG_NAME), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=1)
-    make_readable(os.path.join(out_dir, CONFIG_NAME))
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=1), encoding="utf-8")
+    make_readable(out / CONFIG_NAME)
     return {"files": files, "total_bytes": total, "n_tensors": len(tensors),
             "n_params": config["n_params"], "dtype": _DTYPES[dtype], "out_dir": out_dir}
 
@@ -168,20 +189,18 @@ def export_params(params, model_cfg, out_dir: str, *, dtype: str = "fp32",
 def export_run(run_dir: str, out_dir: str, *, step: Optional[int] = None, dtype: str = "fp32",
                max_shard_size="2GB") -> dict:
     """Export the parameters of checkpoint ``step`` (default: newest) of a training run."""
-    from flax import nnx
+    from sessa_jax.train.checkpoint import load_params_host
 
-    from sessa_jax.train.checkpoint import load_model
-
-    if not os.path.isdir(run_dir):
+    if not out_path(run_dir).is_dir():
         raise ExportError(f"{run_dir}: no such run directory")
     if dtype not in _DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected bf16 or fp32")
     parse_size(max_shard_size)
-    model, cfg, s = load_model(run_dir, step)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    out_path(out_dir)
+    params, cfg, s = load_params_host(run_dir, step)  # host memory only, never a device
     summary = export_params(
         params, cfg.model, out_dir, dtype=dtype, max_shard_size=max_shard_size,
-        extra={"step": int(s), "source_run": os.path.abspath(run_dir),
+        extra={"step": int(s), "source_run": str(out_path(run_dir)),
                "sharding_rules": {k: (list(v) if isinstance(v, tuple) else v)
                                   for k, v in cfg.mesh.rules.items()}})
     summary["step"] = int(s)
@@ -196,13 +215,12 @@ def read_export_config(path: str):
     from sessa_jax.models.config import ModelConfig
     from sessa_jax.train.config import ConfigError, build
 
-    if not os.path.isdir(path):
+    if not out_path(path).is_dir():
         raise ExportError(f"{path}: no such export directory")
-    cpath = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(cpath):
+    cpath = out_path(path) / CONFIG_NAME
+    if not cpath.is_file():
         raise ExportError(f"{path}: no {CONFIG_NAME} (is this a sessa-export directory?)")
-    with open(cpath, encoding="utf-8") as f:
-        raw = json.load(f)
+    raw = json.loads(cpath.read_text(encoding="utf-8"))
     if not isinstance(raw, dict) or raw.get("format") != FORMAT or "model" not in raw:
         raise ExportError(f"{cpath}: not a {FORMAT!r} config")
     try:
@@ -215,19 +233,19 @@ def _tensor_files(path: str) -> dict[str, str]:
     """{tensor name: file} from the index, or the single file."""
     from safetensors import safe_open
 
-    ipath = os.path.join(path, INDEX_NAME)
-    if os.path.isfile(ipath):
-        with open(ipath, encoding="utf-8") as f:
-            wm = json.load(f).get("weight_map", {})
-        missing = sorted({v for v in wm.values() if not os.path.isfile(os.path.join(path, v))})
+    base = out_path(path)
+    ipath = base / INDEX_NAME
+    if ipath.is_file():
+        wm = json.loads(ipath.read_text(encoding="utf-8")).get("weight_map", {})
+        missing = sorted({v for v in wm.values() if not (base / v).is_file()})
         if missing:
             raise ExportError(f"{path}: shard files listed in {INDEX_NAME} are missing: "
                               + ", ".join(missing))
         return dict(wm)
-    single = os.path.join(path, SINGLE_NAME)
-    if not os.path.isfile(single):
+    single = base / SINGLE_NAME
+    if not single.is_file():
         raise ExportError(f"{path}: neither {SINGLE_NAME} nor {INDEX_NAME} found")
-    with safe_open(single, "numpy") as f:
+    with local_copy(single) as local, safe_open(local, "numpy") as f:
         return {k: SINGLE_NAME for k in f.keys()}
 
 
@@ -248,9 +266,10 @@ def load_pretrained(path: str, mesh=None, rules: Optional[Mapping] = None):
     from sessa_jax.train.state import abstract_model
 
     model_cfg, raw = read_export_config(path)
+    base = out_path(path)
     for fname, want_sha in (raw.get("sha256") or {}).items():  # before parsing any of them
-        fpath = os.path.join(path, fname)
-        if os.path.isfile(fpath) and file_sha256(fpath) != want_sha:
+        fpath = base / fname
+        if fpath.is_file() and file_sha256(fpath) != want_sha:
             raise ExportError(f"{fpath}: sha256 does not match config.json (the file is damaged "
                               "or was changed after export); export it again")
     files = _tensor_files(path)
@@ -259,7 +278,7 @@ def load_pretrained(path: str, mesh=None, rules: Optional[Mapping] = None):
 
     shapes = {}
     for fname in sorted(set(files.values())):
-        with safe_open(os.path.join(path, fname), "numpy") as f:
+        with local_copy(base / fname) as local, safe_open(local, "numpy") as f:
             for k in f.keys():
                 if files.get(k) == fname:
                     shapes[k] = tuple(f.get_slice(k).get_shape())
@@ -286,12 +305,12 @@ def load_pretrained(path: str, mesh=None, rules: Optional[Mapping] = None):
 
     loaded = {}
     for fname in sorted(set(files.values())):
-        with safe_open(os.path.join(path, fname), "numpy") as f:
+        with local_copy(base / fname) as local, safe_open(local, "numpy") as f:
             for k in f.keys():
                 if files.get(k) != fname:
                     continue
                 a = f.get_tensor(k)
-                check_finite(k, a, os.path.join(path, fname))
+                check_finite(k, a, str(base / fname))
                 dt = np.dtype(want[k].dtype)
                 if a.dtype != dt:
                     a = a.astype(dt)

@@ -27,12 +27,12 @@ import dataclasses
 import importlib.util
 import json
 import os
-import shutil
 from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from sessa_jax.export.core import ExportError, flatten_params, parse_size
+from sessa_jax.export.core import ExportError, flatten_params, out_path, parse_size
+from sessa_jax.paths import local_copy
 from sessa_jax.export.hf_names import NameMismatchError, check_state, hf_entries, rename
 from sessa_jax.models.config import ModelConfig
 
@@ -145,34 +145,34 @@ def model_config_from_hf(raw: Mapping, where: str = CONFIG_NAME) -> ModelConfig:
 
 def _write_shards(tensors: Mapping[str, np.ndarray], out_dir: str, limit: int) -> list[str]:
     """Greedy split in table order (a tensor above the limit gets a shard of its own)."""
-    from safetensors.numpy import save_file
+    from sessa_jax.export.core import plan_shards, remove_old_shards, save_safetensors
 
-    from sessa_jax.export.core import plan_shards, remove_old_shards
-
+    out = out_path(out_dir)
     shards = plan_shards(tensors, limit)
-    remove_old_shards(out_dir)
+    remove_old_shards(out)
     meta = {"format": "pt", "sessa_jax": HF_FORMAT}  # "pt": what transformers accepts
     n = len(shards)
     files, weight_map = [], {}
     for i, names in enumerate(shards):
         fname = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        save_file({k: tensors[k] for k in names}, os.path.join(out_dir, fname), metadata=meta)
+        save_safetensors({k: tensors[k] for k in names}, out / fname, meta)
         files.append(fname)
         weight_map.update({k: fname for k in names})
     if n > 1:
         total = sum(a.nbytes for a in tensors.values())
-        with open(os.path.join(out_dir, INDEX_NAME), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1,
-                      sort_keys=True)
+        (out / INDEX_NAME).write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1,
+            sort_keys=True), encoding="utf-8")
     return files
 
 
 def _tokenizer_files(tokenizer_spec: Optional[str], out_dir: str) -> Optional[dict]:
     """Write the run's tokenizer (its ids, and the SentencePiece file) -> its id dict."""
+    out = out_path(out_dir)
     for old in (TOKENIZER_NAME, "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json"):
-        if os.path.exists(os.path.join(out_dir, old)):
-            os.remove(os.path.join(out_dir, old))
+        if (out / old).exists():
+            (out / old).unlink()
     if tokenizer_spec is None:
         return None
     from sessa_jax.data.tokenizer import load_tokenizer
@@ -194,13 +194,14 @@ def _tokenizer_files(tokenizer_spec: Optional[str], out_dir: str) -> Optional[di
     elif kind == "huggingface":  # AutoTokenizer reads tokenizer.json as it is
         from etils import epath
 
-        epath.Path(out_dir, "tokenizer.json").write_bytes(epath.Path(tokenizer_spec).read_bytes())
+        (out / "tokenizer.json").write_bytes(epath.Path(tokenizer_spec).read_bytes())
         info["file"] = "tokenizer.json"
     else:
-        shutil.copyfile(tokenizer_spec, os.path.join(out_dir, "tokenizer.model"))
+        from etils import epath
+
+        (out / "tokenizer.model").write_bytes(epath.Path(tokenizer_spec).read_bytes())
         info["file"] = "tokenizer.model"
-    with open(os.path.join(out_dir, TOKENIZER_NAME), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=1)
+    (out / TOKENIZER_NAME).write_text(json.dumps(info, indent=1), encoding="utf-8")
     return info
 
 
@@ -228,14 +229,15 @@ def export_hf(params, cfg: ModelConfig, out_dir: str, *, dtype: str = "fp32",
     tensors = {}
     for name, a in rename(flat, entries, to_hf=True).items():
         tensors[name] = a.astype(np_dtype) if np.issubdtype(a.dtype, np.floating) else a
-    os.makedirs(out_dir, exist_ok=True)
-    files = _write_shards(tensors, out_dir, limit)
-    tok = _tokenizer_files(tokenizer, out_dir)
+    out = out_path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = _write_shards(tensors, out, limit)
+    tok = _tokenizer_files(tokenizer, out)
     conf = hf_config(cfg, dtype=_DTYPES[dtype], tokenizer=tok, extra=extra)
-    with open(os.path.join(out_dir, CONFIG_NAME), "w", encoding="utf-8") as f:
-        json.dump(conf, f, indent=1)
+    (out / CONFIG_NAME).write_text(json.dumps(conf, indent=1), encoding="utf-8")
     for fname in CODE_FILES:
-        shutil.copyfile(os.path.join(HF_FILES_DIR, fname), os.path.join(out_dir, fname))
+        with open(os.path.join(HF_FILES_DIR, fname), "rb") as f:  # shipped with this package
+            (out / fname).write_bytes(f.read())
     return {"files": files, "total_bytes": sum(a.nbytes for a in tensors.values()),
             "n_tensors": len(tensors), "n_params": int(sum(a.size for a in tensors.values())),
             "dtype": _DTYPES[dtype], "out_dir": out_dir}
@@ -250,20 +252,18 @@ def run_tokenizer(train_cfg) -> Optional[str]:
 def export_run_hf(run_dir: str, out_dir: str, *, step: Optional[int] = None,
                   dtype: str = "fp32", max_shard_size="2GB") -> dict:
     """Export checkpoint ``step`` (default: newest) of a training run for Hugging Face."""
-    from flax import nnx
+    from sessa_jax.train.checkpoint import load_params_host
 
-    from sessa_jax.train.checkpoint import load_model
-
-    if not os.path.isdir(run_dir):
+    if not out_path(run_dir).is_dir():
         raise ExportError(f"{run_dir}: no such run directory")
     if dtype not in _DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected bf16 or fp32")
     parse_size(max_shard_size)
-    model, cfg, s = load_model(run_dir, step)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    out_path(out_dir)
+    params, cfg, s = load_params_host(run_dir, step)  # host memory only, never a device
     summary = export_hf(params, cfg.model, out_dir, dtype=dtype, max_shard_size=max_shard_size,
                         tokenizer=run_tokenizer(cfg),
-                        extra={"step": int(s), "source_run": os.path.abspath(run_dir)})
+                        extra={"step": int(s), "source_run": str(out_path(run_dir))})
     summary["step"] = int(s)
     return summary
 
@@ -272,14 +272,13 @@ def export_run_hf(run_dir: str, out_dir: str, *, step: Optional[int] = None,
 
 
 def read_hf_config(path: str) -> tuple[ModelConfig, dict]:
-    if not os.path.isdir(path):
+    if not out_path(path).is_dir():
         raise ExportError(f"{path}: no such directory")
-    cpath = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(cpath):
+    cpath = out_path(path) / CONFIG_NAME
+    if not cpath.is_file():
         raise ExportError(f"{path}: no {CONFIG_NAME} (is this a Hugging Face export?)")
     try:
-        with open(cpath, encoding="utf-8") as f:
-            raw = json.load(f)
+        raw = json.loads(cpath.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ExportError(f"{cpath}: not readable JSON ({e})") from None
     if not isinstance(raw, dict):
@@ -291,23 +290,23 @@ def _tensor_files(path: str) -> dict[str, str]:
     """{tensor name: file} from the index, or from the single file."""
     from safetensors import safe_open
 
-    ipath = os.path.join(path, INDEX_NAME)
-    if os.path.isfile(ipath):
+    base = out_path(path)
+    ipath = base / INDEX_NAME
+    if ipath.is_file():
         try:
-            with open(ipath, encoding="utf-8") as f:
-                wm = json.load(f)["weight_map"]
+            wm = json.loads(ipath.read_text(encoding="utf-8"))["weight_map"]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ExportError(f"{ipath}: not a readable index ({type(e).__name__}: {e})") from None
-        gone = sorted({v for v in wm.values() if not os.path.isfile(os.path.join(path, v))})
+        gone = sorted({v for v in wm.values() if not (base / v).is_file()})
         if gone:
             raise ExportError(f"{path}: shard files listed in {INDEX_NAME} are missing: "
                               + ", ".join(gone))
         return dict(wm)
-    single = os.path.join(path, SINGLE_NAME)
-    if not os.path.isfile(single):
+    single = base / SINGLE_NAME
+    if not single.is_file():
         raise ExportError(f"{path}: neither {SINGLE_NAME} nor {INDEX_NAME} found")
     try:
-        with safe_open(single, "numpy") as f:
+        with local_copy(single) as local, safe_open(local, "numpy") as f:
             return {k: SINGLE_NAME for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise ExportError(f"{single}: unreadable safetensors file ({type(e).__name__}: {e})"
@@ -318,15 +317,16 @@ def _read_tensors(path: str) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
     files = _tensor_files(path)
+    base = out_path(path)
     out = {}
     for fname in sorted(set(files.values())):
         try:
-            with safe_open(os.path.join(path, fname), "numpy") as f:
+            with local_copy(base / fname) as local, safe_open(local, "numpy") as f:
                 for k in f.keys():
                     if files.get(k) == fname:
                         out[k] = f.get_tensor(k)
         except Exception as e:  # safetensors raises its own error types for damaged files
-            raise ExportError(f"{os.path.join(path, fname)}: unreadable safetensors file "
+            raise ExportError(f"{base / fname}: unreadable safetensors file "
                               f"({type(e).__name__}: {e})") from None
     missing = sorted(k for k in files if k not in out)
     if missing:

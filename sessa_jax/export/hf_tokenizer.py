@@ -11,7 +11,6 @@ decodes exactly like ByteTokenizer. Plain JSON: writing it needs no tokenizers p
 from __future__ import annotations
 
 import json
-import os
 
 SPECIALS = ("<pad>", "<bos>", "<eos>")  # ids 0, 1, 2
 OFFSET = 3
@@ -66,7 +65,9 @@ def write_byte_tokenizer(out_dir: str) -> list[str]:
               "clean_up_tokenization_spaces": False, "add_bos_token": True, **names}
     files = {"tokenizer.json": spec, "tokenizer_config.json": config,
              "special_tokens_map.json": names}
+    from sessa_jax.paths import user_path
+
     for name, obj in files.items():
-        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, ensure_ascii=False)
+        (user_path(out_dir) / name).write_text(json.dumps(obj, indent=1, ensure_ascii=False),
+                                               encoding="utf-8")
     return list(files)

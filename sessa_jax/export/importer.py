@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Optional, Sequence
 
@@ -63,21 +62,23 @@ def import_hf(hf_dir: str, run_dir: str, *, config: Optional[str] = None,
     from sessa_jax.train.mesh import make_mesh
     from sessa_jax.train.state import TrainState, make_setup
 
-    run_dir = os.path.abspath(run_dir)
+    from sessa_jax.export.core import out_path
+
+    run_dir = out_path(run_dir)
     ck_dir = checkpoint_dir(run_dir)
-    if os.path.isdir(ck_dir) and os.listdir(ck_dir):
+    if ck_dir.is_dir() and any(ck_dir.iterdir()):
         raise ExportError(f"{run_dir}: already holds checkpoints ({ck_dir}); import into a new "
                           "directory")
     model_cfg, params, _ = read_hf(hf_dir)
 
     raw = read_yaml(config) if config else {}
-    base_dir = os.path.dirname(os.path.abspath(config)) if config else "."
+    base_dir = str(out_path(config).parent) if config else "."
     raw["model"] = to_dict(model_cfg)
     raw = apply_overrides(raw, overrides)
     raw.setdefault("run", {})
     if not isinstance(raw["run"], dict):
         raw["run"] = {}
-    raw["run"]["output_dir"] = run_dir
+    raw["run"]["output_dir"] = str(run_dir)
     cfg = from_dict(raw, base_dir)
 
     # Write on one device: Orbax restores onto whatever mesh the continuing run uses.
@@ -95,19 +96,19 @@ def import_hf(hf_dir: str, run_dir: str, *, config: Optional[str] = None,
                           rng=jax.random.PRNGKey(cfg.run.seed + 1), skipped=zero, streak=zero)
 
     state = jax.jit(fresh, out_shardings=setup.shardings)(params)
-    os.makedirs(run_dir, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     ck = Checkpointer(run_dir, cfg.checkpoint)
     try:
         ck.save(0, state, cfg)
         ck.wait()
     finally:
         ck.close()
-    cfg_path = os.path.join(run_dir, "config.yaml")
+    cfg_path = run_dir / "config.yaml"
     save_config(cfg, cfg_path)
     n = int(sum(np.size(a) for a in jax.tree.leaves(params)))
-    with open(os.path.join(run_dir, "imported_from.json"), "w", encoding="utf-8") as f:
-        json.dump({"hf_dir": os.path.abspath(hf_dir), "n_params": n}, f, indent=1)
-    return {"run_dir": run_dir, "config": cfg_path, "n_params": n, "model": cfg.model}
+    (run_dir / "imported_from.json").write_text(
+        json.dumps({"hf_dir": str(out_path(hf_dir)), "n_params": n}, indent=1), encoding="utf-8")
+    return {"run_dir": str(run_dir), "config": str(cfg_path), "n_params": n, "model": cfg.model}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

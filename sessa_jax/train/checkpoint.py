@@ -21,17 +21,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
 import time
 import warnings
 from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from sessa_jax.console import drop_async_noise
+from sessa_jax.paths import PathLike, user_path
 from sessa_jax.train import integrity
 from sessa_jax.train.config import CheckpointConfig, TrainConfig, from_dict, to_dict
 
@@ -44,8 +44,9 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint where one was asked for; the message names the directory."""
 
 
-def checkpoint_dir(run_dir: str) -> str:
-    return os.path.join(os.path.abspath(run_dir), "checkpoints")
+def checkpoint_dir(run_dir: PathLike) -> epath.Path:
+    """``<run_dir>/checkpoints``; a URI (gs://...) stays one (:func:`sessa_jax.paths.user_path`)."""
+    return user_path(run_dir) / "checkpoints"
 
 
 def _meta_digest(meta: dict) -> str:
@@ -130,14 +131,14 @@ def _warn(msg: str) -> None:
 class Checkpointer:
     """Save/restore/retention of one run's checkpoints (call from every process)."""
 
-    def __init__(self, run_dir: str, cfg: Optional[CheckpointConfig] = None, *,
+    def __init__(self, run_dir: PathLike, cfg: Optional[CheckpointConfig] = None, *,
                  read_only: bool = False):
-        self.run_dir = os.path.abspath(run_dir)
-        self.directory = checkpoint_dir(run_dir)
+        self.run_dir = user_path(run_dir)
+        self.directory = checkpoint_dir(self.run_dir)
         self.cfg = cfg or CheckpointConfig()
         self.read_only = read_only
         self._bad: set[int] = set()  # steps found unreadable (left in place when read-only)
-        if read_only and not os.path.isdir(self.directory):
+        if read_only and not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: no checkpoints directory (is "
                                   f"{self.run_dir!r} a training run directory?)")
         self.manager = self._make_manager()
@@ -231,33 +232,17 @@ class Checkpointer:
         if self.read_only:
             return
         if jax.process_index() == 0:
-            src = os.path.join(self.directory, str(step))
-            dst_dir = os.path.join(self.run_dir, "corrupt_checkpoints")
-            os.makedirs(dst_dir, exist_ok=True)
-            dst = os.path.join(dst_dir, f"{step}-{int(time.time())}")
+            src = self.directory / str(step)
+            dst_dir = self.run_dir / "corrupt_checkpoints"
             try:
-                shutil.move(src, dst)
+                dst_dir.mkdir(parents=True, exist_ok=True)
+                src.rename(dst_dir / f"{step}-{int(time.time())}")
             except OSError as e:
                 log.warning("could not move %s aside: %s", src, e)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"sessa_set_aside_{step}")
         self.manager = self._make_manager()
-
-    def _missing(self, step: int) -> Optional[str]:
-        """The first file a complete step must have but lacks (None: looks complete).
-
-        Checked before Orbax reads anything: a failed tensorstore read leaves callbacks that
-        print 'Event loop is closed' tracebacks, so cheap-to-spot damage is caught here.
-        """
-        root = os.path.join(self.directory, str(step))
-        need = [os.path.join("meta", "metadata"), os.path.join("state", "_METADATA")]
-        if os.path.isdir(os.path.join(root, "state", "d")):  # OCDBT layout (Orbax's default)
-            need.append(os.path.join("state", "manifest.ocdbt"))
-        for rel in need:
-            if not os.path.isfile(os.path.join(root, rel)):
-                return rel
-        return None
 
     def _restore_with_fallback(self, step: Optional[int], make_args,
                                check: Optional[Callable] = None, *,
@@ -273,9 +258,6 @@ class Checkpointer:
             if s in self._bad:
                 continue  # already reported by an earlier read of this run
             try:
-                missing = self._missing(s)
-                if missing:
-                    raise FileNotFoundError(f"{missing} is missing")
                 out = self.manager.restore(s, args=make_args(s))
                 verify_meta(out.meta)
                 if check is not None:
@@ -333,6 +315,28 @@ class Checkpointer:
         s, out = self._restore_with_fallback(step, args, lambda o: {"params": o.state["params"]})
         return out.state["params"], out.meta, s
 
+    def restore_params_host(self, abstract_params, step: Optional[int] = None):
+        """Only the parameters, into host memory as NumPy arrays -> (params, meta, step).
+
+        No device holds them, not even briefly: an export of a model larger than one
+        accelerator's memory needs only host RAM. The digests are checked on the host too.
+        """
+        import numpy as np
+
+        item = {"params": abstract_params}
+        restore_args = jax.tree.map(
+            lambda a: ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype), item)
+
+        def args(_):
+            return ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item, restore_args=restore_args,
+                                             partial_restore=True),
+                meta=ocp.args.JsonRestore(),
+            )
+
+        s, out = self._restore_with_fallback(step, args, lambda o: {"params": o.state["params"]})
+        return out.state["params"], out.meta, s
+
     def read_meta(self, step: Optional[int] = None) -> tuple[dict, int]:
         """The JSON metadata of ``step`` (default: newest readable) -> (meta, step)."""
         s, out = self._restore_with_fallback(
@@ -370,6 +374,18 @@ def load_model(run_dir: str, step: Optional[int] = None, mesh=None):
     return setup.model_def(params), cfg, s
 
 
-def read_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def load_params_host(run_dir: PathLike, step: Optional[int] = None):
+    """The parameters of checkpoint ``step`` (default: the newest readable one) as a pure dict
+    of NumPy arrays in host memory -> (params, TrainConfig, step); for exports."""
+    from sessa_jax.train.state import abstract_model
+
+    ck = Checkpointer(run_dir, read_only=True)
+    meta, s = ck.read_meta(step)
+    cfg = config_from_meta(meta)
+    _, abstract, _ = abstract_model(cfg.model)
+    params, _, s = ck.restore_params_host(abstract, step)  # falls back as load_model does
+    return params, cfg, s
+
+
+def read_json(path: PathLike) -> Any:
+    return json.loads(user_path(path).read_text(encoding="utf-8"))

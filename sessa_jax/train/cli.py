@@ -24,11 +24,12 @@ from sessa_jax.console import (
 def _user_errors(prog: str, e: BaseException) -> Optional[int]:
     """The exit code of an expected failure (printing its line), or None for anything else."""
     from sessa_jax.data import DataError
+    from sessa_jax.paths import PathError
     from sessa_jax.train.checkpoint import CheckpointError
     from sessa_jax.train.config import ConfigError
 
-    for kind, code in ((ConfigError, EXIT_CONFIG), (DataError, EXIT_DATA),
-                       (CheckpointError, EXIT_CHECKPOINT)):
+    for kind, code in ((ConfigError, EXIT_CONFIG), (PathError, EXIT_CONFIG),
+                       (DataError, EXIT_DATA), (CheckpointError, EXIT_CHECKPOINT)):
         if isinstance(e, kind):
             return fail(prog, e, code)
     return None

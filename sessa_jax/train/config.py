@@ -25,7 +25,6 @@ import dataclasses
 import difflib
 import functools
 import math
-import os
 import types
 import typing
 from typing import Any, Literal, Mapping, Optional, Sequence, Union
@@ -49,6 +48,15 @@ class ConfigError(ValueError):
 def _check(ok: bool, key: str, value, expected: str) -> None:
     if not ok:
         raise ValueError(f"{key}={value!r}: expected {expected}")
+
+
+def _check_uri(key: str, value) -> None:
+    """A path setting: local, or a URI whose scheme etils.epath knows (gs://, s3://, ...)."""
+    from sessa_jax.paths import SCHEMES, scheme
+    s = scheme(value)
+    if s not in (None, "file") and s not in SCHEMES:
+        raise ValueError(f"{key}={value!r}: expected a local path or a URI with one of the "
+                         "schemes " + ", ".join(f"{x}://" for x in SCHEMES))
 
 
 def _is_int(v) -> bool:
@@ -200,6 +208,15 @@ class RunConfig:
     error after ``max_nonfinite_in_a_row`` skipped (non-finite) updates in a row.
     ``stability_stats``: on logging steps, also log each Sessa layer's feedback statistics
     (``stability/layer<i>/...`` in metrics.jsonl; see sessa_jax/train/stability.py).
+
+    ``output_dir`` and ``compilation_cache_dir`` are local paths or URIs (``gs://bucket/x``).
+    ``compilation_cache_dir``: JAX's persistent compilation cache (null: none), so that a
+    restarted or resumed run loads its compiled steps instead of compiling them again.
+    ``stop_check_every``: with several processes, how often (in steps) they agree whether one
+    of them got SIGTERM/SIGINT (also at every checkpoint step); one process checks every step
+    and never needs a collective. ``profile_steps`` [a, b]: a ``jax.profiler`` trace of steps
+    a+1 .. b into ``<output_dir>/profile`` (TensorBoard's profile plugin, or Perfetto:
+    ``perfetto_trace.json.gz``); 0 <= a < b <= steps.
     """
 
     output_dir: str = "runs/default"
@@ -214,13 +231,34 @@ class RunConfig:
     param_dtype: Optional[str] = None
     tensorboard: bool = True
     stability_stats: bool = False
+    compilation_cache_dir: Optional[str] = None
+    stop_check_every: int = 10
+    profile_steps: Optional[tuple[int, ...]] = None
 
     def __post_init__(self):
         p = "run"
+        if self.compilation_cache_dir is not None:
+            _check(isinstance(self.compilation_cache_dir, str) and bool(self.compilation_cache_dir),
+                   f"{p}.compilation_cache_dir", self.compilation_cache_dir,
+                   "null or a non-empty path (local or gs://...)")
+            _check_uri(f"{p}.compilation_cache_dir", self.compilation_cache_dir)
+        _check(_is_int(self.stop_check_every) and self.stop_check_every >= 1,
+               f"{p}.stop_check_every", self.stop_check_every, "a positive integer")
+        if self.profile_steps is not None:
+            ps = self.profile_steps
+            if isinstance(ps, list):
+                ps = tuple(ps)
+                object.__setattr__(self, "profile_steps", ps)
+            ok = (isinstance(ps, tuple) and len(ps) == 2 and all(_is_int(x) for x in ps)
+                  and _is_int(self.steps) and 0 <= ps[0] < ps[1] <= self.steps)
+            _check(ok, f"{p}.profile_steps", list(ps) if isinstance(ps, tuple) else ps,
+                   f"null or [a, b] with 0 <= a < b <= run.steps={self.steps!r} (a trace of "
+                   "steps a+1 .. b)")
         _check(isinstance(self.stability_stats, bool), f"{p}.stability_stats",
                self.stability_stats, "true or false")
         _check(isinstance(self.output_dir, str) and bool(self.output_dir), f"{p}.output_dir",
                self.output_dir, "a non-empty path")
+        _check_uri(f"{p}.output_dir", self.output_dir)
         for f, lo in (("steps", 1), ("global_batch_size", 1), ("seed", 0), ("log_every", 1),
                       ("eval_every", 0), ("eval_batches", 0), ("max_nonfinite_in_a_row", 1)):
             v = getattr(self, f)
@@ -416,15 +454,30 @@ def to_dict(obj) -> Any:
 # -- YAML, overrides, model files ---------------------------------------------------------------
 
 
-def read_yaml(path: str, what: str = "config") -> dict:
-    """A YAML mapping from ``path``; an empty file is an error (it would mean 'all defaults',
-    which silently trains a run nobody asked for)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"{what} file {path!r} not found")
+def _user_path(path, key: str):
+    """:func:`sessa_jax.paths.user_path`, its error as a ConfigError naming ``key``."""
+    from sessa_jax.paths import PathError, user_path
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        return user_path(path)
+    except PathError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def read_yaml(path: str, what: str = "config") -> dict:
+    """A YAML mapping from ``path`` (local or a URI); an empty file is an error (it would mean
+    'all defaults', which silently trains a run nobody asked for)."""
+    p = _user_path(path, f"{what} file")
+    try:
+        if not p.is_file():
+            raise ConfigError(f"{what} file {path!r} not found")
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{what} file {path!r}: cannot read it ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} file {path!r} is not valid YAML: {e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
         why = str(e).replace("\n", " ")
         raise ConfigError(f"{what} file {path!r} is not valid YAML: {why}") from None
     if raw is None:
@@ -473,10 +526,11 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
 
 
 def _model_file(path: str, base_dir: str) -> dict:
-    """A flat ModelConfig YAML file, found relative to ``base_dir`` then the working dir."""
-    for cand in (os.path.join(base_dir, path), path):
-        if os.path.isfile(cand):
-            return read_yaml(cand, "model")
+    """A flat ModelConfig YAML file, found relative to ``base_dir`` then the working dir (a
+    URI, or a base_dir that is one, is joined as a URI)."""
+    for cand in (_user_path(base_dir, "model") / path, _user_path(path, "model")):
+        if cand.is_file():
+            return read_yaml(str(cand), "model")
     raise ConfigError(f"model: model file {path!r} not found (looked in {base_dir!r} and the "
                       "working directory)")
 
@@ -541,7 +595,7 @@ def from_dict(raw: Mapping, base_dir: str = ".", check_task: bool = True) -> Tra
 def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> TrainConfig:
     """Read ``path`` (YAML; None: all defaults), apply ``key=value`` overrides, validate."""
     raw = read_yaml(path) if path else {}
-    base_dir = os.path.dirname(os.path.abspath(path)) if path else "."
+    base_dir = str(_user_path(path, "config file").parent) if path else "."
     if isinstance(raw.get("model"), str) and any(o.startswith("model.") for o in overrides):
         raw["model"] = _model_file(raw["model"], base_dir)
     return from_dict(apply_overrides(raw, overrides), base_dir)
@@ -551,12 +605,10 @@ def dump_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
 
 
-def save_config(cfg: TrainConfig, path: str) -> None:
-    """Write the resolved config (every field, model inlined) as YAML."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(dump_yaml(cfg))
-    os.replace(tmp, path)
+def save_config(cfg: TrainConfig, path) -> None:
+    """Write the resolved config (every field, model inlined) as YAML (local or a URI)."""
+    from sessa_jax.paths import write_text
+    write_text(path, dump_yaml(cfg))
 
 
 def replace(cfg, **changes):
@@ -572,16 +624,34 @@ def replace(cfg, **changes):
 # Fields that must match for a run directory to be resumed (performance knobs may differ).
 _DATA_FREE = ("num_threads", "prefetch", "on_bad_record")
 
+# ModelConfig fields that change how the model runs, never its parameters (their shapes,
+# names or dtype): a resume, sessa-eval and an export may set them anew. param_dtype and every
+# architecture field are not in this list.
+EXECUTION_FIELDS = ("attention_impl", "feedback_impl", "chunk_size", "feedback_segments",
+                    "feedback_inverse", "scan_impl", "ssm_chunk_size", "remat", "loss_chunk_size",
+                    "dtype")
 
-def check_resume_compatible(saved: TrainConfig, new: TrainConfig) -> None:
-    """Raise ConfigError naming the first model/data field that differs."""
+
+def check_resume_compatible(saved: TrainConfig, new: TrainConfig) -> list[str]:
+    """Raise ConfigError naming the first model/data field that differs and would change the
+    parameters or the data; return the execution settings that changed, as
+    ``"model.remat 'none' -> 'full'"`` (the caller says so)."""
+    changed = []
     for section in ("model", "data"):
         a, b = to_dict(getattr(saved, section)), to_dict(getattr(new, section))
         for k in a:
             if section == "data" and k in _DATA_FREE:
                 continue
-            if a[k] != b.get(k):
-                raise ConfigError(
-                    f"{section}.{k}={b.get(k)!r} differs from the run being resumed "
-                    f"({section}.{k}={a[k]!r}); use a new run.output_dir or the same value"
-                )
+            if a[k] == b.get(k):
+                continue
+            if section == "model" and k in EXECUTION_FIELDS:
+                changed.append(f"model.{k} {a[k]!r} -> {b.get(k)!r}")
+                continue
+            raise ConfigError(
+                f"{section}.{k}={b.get(k)!r} differs from the run being resumed "
+                f"({section}.{k}={a[k]!r}); use a new run.output_dir or the same value"
+                + (" (it changes the parameters; execution settings such as "
+                   + ", ".join(f"model.{f}" for f in EXECUTION_FIELDS[:4])
+                   + " may change)" if section == "model" else "")
+            )
+    return changed

@@ -88,16 +88,52 @@ def _host(x) -> int:
     return int(np.asarray(x.addressable_data(0)) if hasattr(x, "addressable_data") else x)
 
 
+def _np_fmix32(x: np.ndarray) -> np.ndarray:
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x85EBCA6B)  # uint32 arrays wrap, as on device
+    x = x ^ (x >> np.uint32(13))
+    x = x * np.uint32(0xC2B2AE35)
+    return x ^ (x >> np.uint32(16))
+
+
+def _host_leaf(x: np.ndarray) -> tuple[int, int, int]:
+    """The digest of a host (NumPy) array, bit for bit the device one (elements of at most
+    4 bytes; larger ones go to the device path)."""
+    x = np.ascontiguousarray(x)
+    if x.dtype == np.bool_:
+        w = x.astype(np.uint32)
+    else:
+        w = x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]).astype(np.uint32)
+    i = (np.arange(w.size, dtype=np.uint64) % np.uint64(2**32)).astype(np.uint32).reshape(w.shape)
+    with np.errstate(over="ignore"):
+        h1 = int(np.sum(_np_fmix32(w ^ _np_fmix32(i ^ _K1)), dtype=np.uint32))
+        h2 = int(np.sum(_np_fmix32(w * _M + _np_fmix32(i + _K2)), dtype=np.uint32))
+    bad = 0
+    if x.dtype.kind == "f" or x.dtype.name == "bfloat16":
+        bad = int(x.size - np.count_nonzero(np.isfinite(x.astype(np.float32))))
+    return h1, h2, bad
+
+
+def _on_host(x) -> bool:
+    return (isinstance(x, np.ndarray) and not isinstance(x, jax.Array)
+            and x.dtype.itemsize <= 4 and x.dtype.kind in "biuf")
+
+
 def digests(tree: Any) -> tuple[dict[str, str], dict[str, int]]:
     """({array path: 16 hex digits}, {array path: non-finite count (only where > 0)}).
 
-    Paths join pytree keys with dots, e.g. ``params.blocks.0.mixer.W_in.kernel``.
+    Paths join pytree keys with dots, e.g. ``params.blocks.0.mixer.W_in.kernel``. A tree of
+    host (NumPy) arrays is digested on the host, one array at a time, so that restoring to
+    host memory never puts the arrays on a device.
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     if not flat:
         return {}, {}
     names = [_name(p) for p, _ in flat]
-    out = _jitted(treedef)([x for _, x in flat])  # replicated scalars
+    if all(_on_host(x) for _, x in flat):
+        out = [_host_leaf(x) for _, x in flat]
+    else:
+        out = _jitted(treedef)([x for _, x in flat])  # replicated scalars
     sums, bad = {}, {}
     for name, (h1, h2, nb) in zip(names, out):
         sums[name] = f"{_host(h1):08x}{_host(h2):08x}"

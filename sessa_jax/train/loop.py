@@ -8,7 +8,20 @@ after step k+1 is dispatched, so the host never stalls the device except on log/
 
 SIGTERM/SIGINT: the current step finishes, a checkpoint is written and waited for, and ``train``
 returns with ``stopped_by`` set (the CLI exits 143 for SIGTERM, 130 for SIGINT). A second SIGINT
-interrupts at once.
+interrupts at once. With several processes a signal may reach only some of them: they agree
+every ``run.stop_check_every`` steps and at every checkpoint step (host to host through the
+jax.distributed key-value store, no device collective), then all save that step and stop. One
+process needs no agreement and stops after the step in flight.
+
+Multi-host: every process must see the same ``run.output_dir`` (a bucket such as
+``gs://bucket/run`` or a shared filesystem; see :mod:`sessa_jax.paths`); they check that they
+agree on the step to resume from before step 0. Only process 0 writes metrics, TensorBoard,
+config.yaml, summary.json and profiles.
+
+The summary's ``goodput`` splits the session's wall time into compilation, setup, data waits,
+checkpointing, evaluation, profiling and training steps, with the measured MFU
+(:class:`~sessa_jax.train.metrics.Goodput`). ``run.profile_steps`` [a, b] traces steps a+1..b
+with ``jax.profiler`` into ``<run_dir>/profile``.
 
 Nothing is written before the config, mesh and data checks pass (:func:`preflight`). An
 exception inside the loop (a data error, a diverged run, anything else) first saves a
@@ -30,20 +43,22 @@ import time
 from typing import Optional, Sequence
 
 import jax
-import numpy as np
+from etils import epath
 
 from sessa_jax.data import batches, eval_batches, num_eval_batches
+from sessa_jax.paths import PathError, append_text, user_path, write_text
 from sessa_jax.train.checkpoint import Checkpointer, config_from_meta
 from sessa_jax.train.config import (
-    ConfigError, TrainConfig, apply_overrides, check_resume_compatible, from_dict, save_config,
-    task_for,
+    EXECUTION_FIELDS, ConfigError, TrainConfig, apply_overrides, check_resume_compatible,
+    from_dict, save_config, task_for,
 )
 from sessa_jax.train.mesh import (
-    batch_sharding, check_batch, describe, device_kind, global_batch, make_mesh, process_rows,
+    all_processes, batch_sharding, check_batch, describe, device_kind, forget, global_batch,
+    make_mesh, process_rows, same_on_all_processes, set_compilation_cache,
 )
 from sessa_jax.train.metrics import (
-    MetricsWriter, Throughput, flops_per_token, fmt_count, fmt_duration, param_count,
-    peak_flops, progress_line,
+    Goodput, MetricsWriter, Throughput, flops_per_token, fmt_count, fmt_duration, goodput_line,
+    param_count, peak_flops, progress_line,
 )
 from sessa_jax.train.state import (
     Setup, abstract_with_shardings, init_state, make_setup,
@@ -89,11 +104,17 @@ def say(*args) -> None:
 
 
 class StopSignals:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps.
 
-    def __init__(self):
+    With several processes, :meth:`requested` answers only every ``every`` steps (and when
+    forced, at checkpoint steps): there every process tells the others what it received.
+    """
+
+    def __init__(self, every: int = 1):
         self.received: Optional[str] = None
+        self.every = every
         self._prev = {}
+        self._agreed: list[str] = []  # tags of past agreements (their keys are dropped later)
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -111,26 +132,94 @@ class StopSignals:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: stop now
         self.received = signal.Signals(signum).name
-        if _main():
+        n = jax.process_count()
+        if n == 1:
             print(f"\n{self.received} received: finishing this step, then saving a checkpoint",
                   file=sys.stderr, flush=True)
+        else:
+            print(f"\nprocess {jax.process_index()}: {self.received} received: the processes "
+                  f"agree on it within {self.every} steps (or at the next checkpoint step), "
+                  "then save a checkpoint", file=sys.stderr, flush=True)
 
-    def requested(self) -> Optional[str]:
-        """The signal name if any process got one (all processes agree on the answer)."""
+    def requested(self, step: int, force: bool = False) -> Optional[str]:
+        """The signal name if any process got one, the same answer on every process.
+
+        One process: at once, every step. Several: None except at steps that are multiples of
+        ``every`` and when ``force`` (checkpoint steps), where the processes agree.
+        """
         if jax.process_count() == 1:
             return self.received
-        from jax.experimental import multihost_utils
+        if not force and step % self.every:
+            return None
         code = {None: 0, "SIGTERM": 1, "SIGINT": 2}[self.received]
-        got = int(np.max(multihost_utils.process_allgather(np.int32(code))))
+        tag = f"stop/{step}"
+        got = max(all_processes(code, tag))
+        self._agreed.append(tag)
+        if len(self._agreed) > 2:  # every process has read those keys by now
+            forget(self._agreed.pop(0))
         return {0: None, 1: "SIGTERM", 2: "SIGINT"}[got]
+
+
+class Profile:
+    """``run.profile_steps`` [a, b]: a jax.profiler trace of steps a+1 .. b (process 0).
+
+    Written to ``<run_dir>/profile`` (``plugins/profile/<time>/``: the XPlane file that
+    TensorBoard's profile plugin reads and ``perfetto_trace.json.gz`` for ui.perfetto.dev). A
+    run directory on an object store gets the files copied up when the trace stops.
+    """
+
+    def __init__(self, run_dir, steps, goodput: Goodput):
+        self.steps = tuple(steps) if steps and _main() else None
+        self.dst = run_dir / "profile"
+        self.goodput = goodput
+        self.local = None
+        self.on = False
+
+    def before_step(self, k: int) -> None:
+        """Called with k finished steps, before step k+1 is dispatched."""
+        if self.steps is None or self.on or not self.steps[0] <= k < self.steps[1]:
+            return
+        import tempfile
+
+        from sessa_jax.paths import is_local
+        with self.goodput.timing("profile"):
+            self.local = (str(self.dst) if is_local(self.dst)
+                          else tempfile.mkdtemp(prefix="sessa-profile-"))
+            jax.profiler.start_trace(self.local, create_perfetto_trace=True)
+            self.on = True
+        say(f"profiling steps {k + 1}..{self.steps[1]} into {self.dst}")
+
+    def after_step(self, k: int, state) -> None:
+        if self.on and k >= self.steps[1]:
+            self.stop(state)
+
+    def stop(self, state=None) -> None:
+        if not self.on:
+            return
+        from sessa_jax.paths import copy_tree, is_local
+        with self.goodput.timing("profile"):
+            if state is not None:
+                jax.block_until_ready(state)  # the traced steps, not just their dispatch
+            jax.profiler.stop_trace()
+            self.on = False
+            if not is_local(self.dst):
+                import shutil
+                copy_tree(self.local, self.dst)
+                shutil.rmtree(self.local, ignore_errors=True)
+        say(f"profile written to {self.dst} (tensorboard --logdir {self.dst}, or open "
+            "plugins/profile/*/perfetto_trace.json.gz in ui.perfetto.dev)")
 
 
 # -- evaluation -------------------------------------------------------------------------------
 
 
 def run_eval(cfg: TrainConfig, task, setup: Setup, eval_step, params, *, split: str = "valid",
-             max_batches: Optional[int] = None) -> dict:
+             max_batches: Optional[int] = None, goodput: Optional[Goodput] = None) -> dict:
     """One pass over the eval split -> summarize_eval metrics (+ 'batches')."""
+    if goodput is not None:
+        with goodput.timing("eval"):
+            return run_eval(cfg, task, setup, eval_step, params, split=split,
+                            max_batches=max_batches)
     g = cfg.run.global_batch_size
     sharding = batch_sharding(setup.mesh, cfg.mesh.sharding_rules())
     block, blocks = process_rows(sharding, (g, cfg.data.seq_len))
@@ -177,7 +266,7 @@ class Preflight:
         return (f"ok: {c.model.family} model, {fmt_count(param_count(c.model))} parameters | "
                 f"task {c.data.task}: {self.task.split_size('train'):,} train examples, "
                 f"seq_len {c.data.seq_len} | {describe(self.setup.mesh)} | would write "
-                f"{os.path.abspath(c.run.output_dir)}")
+                f"{run_path(c)}")
 
 
 def preflight(cfg: TrainConfig) -> Preflight:
@@ -187,10 +276,22 @@ def preflight(cfg: TrainConfig) -> Preflight:
     task = task_for(cfg.data)
     mesh = make_mesh(cfg.mesh)
     check_batch(cfg, mesh)
-    out = os.path.abspath(cfg.run.output_dir)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"run.output_dir={cfg.run.output_dir!r} exists and is not a directory")
+    out = run_path(cfg)
+    try:
+        if out.exists() and not out.is_dir():
+            raise ConfigError(
+                f"run.output_dir={cfg.run.output_dir!r} exists and is not a directory")
+    except OSError as e:  # e.g. an object store without credentials
+        raise ConfigError(f"run.output_dir={cfg.run.output_dir!r}: cannot read it ({e})") from None
     return Preflight(cfg, task, make_setup(cfg, mesh))
+
+
+def run_path(cfg: TrainConfig) -> epath.Path:
+    """The run directory: ``run.output_dir`` as an epath.Path (a gs:// URI stays one)."""
+    try:
+        return user_path(cfg.run.output_dir)
+    except PathError as e:
+        raise ConfigError(f"run.output_dir: {e}") from None
 
 
 def train(cfg: TrainConfig) -> RunResult:
@@ -201,25 +302,35 @@ def train(cfg: TrainConfig) -> RunResult:
     mistakes and NonFiniteError when training diverges.
     """
     t_begin = time.perf_counter()
+    try:
+        set_compilation_cache(cfg.run.compilation_cache_dir)  # before anything compiles
+    except PathError as e:
+        raise ConfigError(f"run.compilation_cache_dir: {e}") from None
     pre = preflight(cfg)
     task, setup = pre.task, pre.setup
-    run_dir = os.path.abspath(cfg.run.output_dir)
+    run_dir = run_path(cfg)
     try:
-        os.makedirs(run_dir, exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(
             f"run.output_dir={cfg.run.output_dir!r}: cannot create it ({e})") from None
     ckpt = Checkpointer(run_dir, cfg.checkpoint)
     writer = MetricsWriter(run_dir, enabled=_main(), tensorboard=cfg.run.tensorboard)
+    goodput = Goodput(t_begin)
     try:
-        return _train(cfg, run_dir, task, setup, ckpt, writer, t_begin)
+        return _train(cfg, run_dir, task, setup, ckpt, writer, t_begin, goodput)
     finally:
+        goodput.close()
         ckpt.wait()
         ckpt.close()
         writer.close()
 
 
-def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
+_SHARED_DIR_HINT = ("every process must see the same run.output_dir: a bucket (gs://...) or a "
+                    "shared filesystem, not each host's local disk")
+
+
+def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin, goodput) -> RunResult:
     G, T, total = cfg.run.global_batch_size, cfg.data.seq_len, cfg.run.steps
     n_params = param_count(cfg.model)
     say(f"{cfg.model.family} model: {fmt_count(n_params)} parameters, d_model "
@@ -229,17 +340,24 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
         f"{task.vocab_size}" + (f" (tokenizer {cfg.data.text.tokenizer})"
                                 if cfg.data.task == "text" else ""))
 
-    # Fresh start or resume.
-    if ckpt.steps():
+    # Fresh start or resume: every process from the same step.
+    steps = ckpt.steps()
+    same_on_all_processes(steps[-1] if steps else -1, "the newest checkpoint step",
+                          _SHARED_DIR_HINT)
+    if steps:
         meta, _ = ckpt.read_meta()
-        check_resume_compatible(config_from_meta(meta), cfg)
+        changed = check_resume_compatible(config_from_meta(meta), cfg)
+        if changed:
+            say("resuming with changed execution settings (the parameters are the same): "
+                + ", ".join(changed))
         state, meta, start = ckpt.restore(abstract_with_shardings(setup))
+        same_on_all_processes(start, "the step to resume from", _SHARED_DIR_HINT)
         writer.truncate_after(start)
         say(f"resumed from step {start} ({ckpt.directory})")
     else:
         state, start = init_state(setup), 0
     if _main():
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
+        save_config(cfg, run_dir / "config.yaml")
 
     train_step = make_train_step(cfg, setup)
     eval_step = make_eval_step(cfg, setup, token_byte_lengths(task))
@@ -275,7 +393,7 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
             rec["time"] = time.perf_counter() - t_begin
         ev = None
         if evaluate:
-            ev = run_eval(cfg, task, setup, eval_step, state_ref[0].params)
+            ev = run_eval(cfg, task, setup, eval_step, state_ref[0].params, goodput=goodput)
             track["last_eval"], track["last_eval_step"] = ev, k
             if _better(ev.get(best_name), track["best"], best_mode):
                 track["best"], track["best_step"] = ev[best_name], k
@@ -302,12 +420,16 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
     stopped_by = None
     k, pending = start, None
     sleep = float(os.environ.get("SESSA_DEBUG_STEP_SLEEP", "0") or 0)
+    profile = Profile(run_dir, cfg.run.profile_steps, goodput)
+    goodput.add("setup", t_begin, time.perf_counter())
     try:
-        with StopSignals() as signals:
+        with StopSignals(cfg.run.stop_check_every) as signals:
             while k < total:
                 if sleep:
                     time.sleep(sleep)
-                batch = global_batch(step_batch(next(it)), sharding, G)
+                profile.before_step(k)
+                with goodput.timing("data"):
+                    batch = global_batch(step_batch(next(it)), sharding, G)
                 # the forward pass of the step about to be logged, before its update (donation)
                 log_next = (k + 1) % cfg.run.log_every == 0 or k + 1 == total
                 st = stats_step(state.params, batch) if stats_step and log_next else None
@@ -316,6 +438,7 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
                     m = {**m, **st}
                 state, k = new_state, k + 1  # together: (k, state) is always a finished step
                 state_ref[0] = state
+                profile.after_step(k, state)
                 if pending is not None:
                     handle(*pending, evaluate=False)
                     pending = None
@@ -323,34 +446,47 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin) -> RunResult:
                                              and k % cfg.checkpoint.every_steps == 0)
                 is_eval = k == total or bool(cfg.run.eval_every and k % cfg.run.eval_every == 0)
                 is_eval |= is_save and cfg.checkpoint.keep_best_metric is not None  # rank saves
-                stopped_by = signals.requested()
+                stopped_by = signals.requested(k, force=is_save)
                 if is_eval or is_save or stopped_by:
                     ev = handle(k, m, evaluate=bool(is_eval), force_log=bool(stopped_by))
-                    ckpt.save(k, state, cfg, metrics=ev)
+                    with goodput.timing("checkpoint"):
+                        ckpt.save(k, state, cfg, metrics=ev)
+                        writer.flush()  # an object store's metrics.jsonl keeps up with saves
                     if stopped_by:
-                        ckpt.wait()
-                        say(f"{stopped_by}: saved checkpoint at step {k} in {ckpt.directory}; "
-                            "run the same command again to resume")
+                        with goodput.timing("checkpoint"):
+                            ckpt.wait()
+                        # every process says it: each host's log shows the step it saved
+                        who = (f"process {jax.process_index()}: " if jax.process_count() > 1
+                               else "")
+                        print(f"{who}{stopped_by}: saved checkpoint at step {k} in "
+                              f"{ckpt.directory}; run the same command again to resume",
+                              flush=True)
                         break
                 else:
                     pending = (k, m)
             if pending is not None:
                 handle(*pending, evaluate=False)
     except Exception as e:
+        profile.stop()
         _save_before_failing(ckpt, cfg, k, start, state, e)
         raise
+    profile.stop(state)
+    with goodput.timing("checkpoint"):
+        ckpt.wait()  # the last save is part of this session's time
     if start >= total and track["last_eval"] is None:
         say(f"run already complete at step {start}/{total}: evaluating only")
         track["last_eval"], track["last_eval_step"] = run_eval(
-            cfg, task, setup, eval_step, state.params), start
+            cfg, task, setup, eval_step, state.params, goodput=goodput), start
 
     summary = _summary(cfg, track, k, start, t_begin, best_name, best_mode)
+    summary["goodput"] = goodput.report((k - start) * G * T, thr.flops_per_token,
+                                        thr.peak_total)
+    summary["compile_sec"] = summary["goodput"]["compile_sec"]
     summary["stopped_by"] = stopped_by
     summary["skipped_records"] = int(getattr(task, "skipped_records", 0))
     if _main():
-        with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
-        _print_summary(summary, cfg)
+        write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+        _print_summary(summary, cfg, run_dir)
     return RunResult(summary, stopped_by)
 
 
@@ -399,12 +535,11 @@ def _summary(cfg, track, k, start, t_begin, best_name, best_mode) -> dict:
     }
 
 
-def _print_summary(s: dict, cfg: TrainConfig) -> None:
+def _print_summary(s: dict, cfg: TrainConfig, run_dir) -> None:
     print("-" * 72)
-    comp = f", compile {s['compile_sec']:.1f}s" if s["compile_sec"] else ""
     print(f"trained {s['steps_this_session']} steps this session (step {s['steps']}/"
           f"{cfg.run.steps}), {fmt_count(s['tokens_seen'])} tokens seen in total, wall time "
-          f"{fmt_duration(s['wall_time_sec'])}{comp}"
+          f"{fmt_duration(s['wall_time_sec'])}"
           + (f", {s['skipped_steps']} non-finite steps skipped" if s["skipped_steps"] else "")
           + (f", {s['skipped_records']} unreadable data records skipped "
              "(data.on_bad_record=skip)" if s.get("skipped_records") else ""))
@@ -427,15 +562,16 @@ def _print_summary(s: dict, cfg: TrainConfig) -> None:
         v = b["value"]
         shown = f"{v:.1%}" if "accuracy" in b["metric"] else f"{v:.4f}"
         print(f"best eval {b['metric']}: {shown} at step {b['step']}")
-    print(f"run directory: {os.path.abspath(cfg.run.output_dir)}")
+    if s.get("goodput"):
+        print(goodput_line(s["goodput"]))
+    print(f"run directory: {run_dir}")
 
 
 # -- evaluating a saved checkpoint ------------------------------------------------------------
 
 # What sessa-eval may change: data (e.g. another seq_len), batch/eval size, mesh, execution.
 _EVAL_OVERRIDABLE = ("data.", "mesh.", "run.global_batch_size", "run.eval_batches",
-                     "run.compute_dtype", "model.dtype", "model.feedback_impl",
-                     "model.chunk_size", "model.scan_impl", "model.remat")
+                     "run.compute_dtype", *(f"model.{f}" for f in EXECUTION_FIELDS))
 
 
 def evaluate_checkpoint(run_dir: str, step: Optional[int] = None,
@@ -444,6 +580,10 @@ def evaluate_checkpoint(run_dir: str, step: Optional[int] = None,
 
     ``overrides`` (key=value) may change data.* (e.g. ``data.seq_len=1024`` to test length
     generalisation), mesh.*, run.global_batch_size/eval_batches and execution-only model fields.
+    The checkpoint is evaluated on the mesh it was trained on (its parameters placed as in
+    training: a model sharded over fsdp/tensor is never gathered onto fewer devices); where
+    that mesh does not fit the devices here (or the eval batch), on a data-parallel one over
+    all devices, with a line on stderr saying so. The result names the mesh used.
     """
     for o in overrides:
         key = o.split("=", 1)[0].strip()
@@ -454,26 +594,43 @@ def evaluate_checkpoint(run_dir: str, step: Optional[int] = None,
     ckpt = Checkpointer(run_dir, read_only=True)
     meta, _ = ckpt.read_meta(step)
     raw = meta["config"]
-    raw["mesh"] = {"data": -1, "fsdp": 1, "tensor": 1, "rules": raw["mesh"].get("rules", {})}
-    cfg = from_dict(apply_overrides(raw, overrides))
+    cfg = from_dict(apply_overrides(raw, overrides))  # the training mesh (+ mesh.* overrides)
+    set_compilation_cache(cfg.run.compilation_cache_dir)  # the run's, if it had one
     task = task_for(cfg.data)
     try:
         if task.split_size(split) < 1:
             raise ValueError(f"split {split!r} is empty")
     except ValueError as e:
         raise ConfigError(f"--split {split}: {e}") from None
-    mesh = make_mesh(cfg.mesh)
-    check_batch(dataclasses.replace(cfg, optimizer=dataclasses.replace(
-        cfg.optimizer, grad_accum_steps=1)), mesh)
+
+    def eval_mesh(c):
+        m = make_mesh(c.mesh)
+        check_batch(dataclasses.replace(c, optimizer=dataclasses.replace(
+            c.optimizer, grad_accum_steps=1)), m)
+        return m
+
+    try:
+        mesh = eval_mesh(cfg)
+    except ConfigError as e:
+        if any(o.split("=", 1)[0].strip().startswith("mesh.") for o in overrides):
+            raise  # a mesh asked for explicitly: its error, not another mesh
+        dp = {"data": -1, "fsdp": 1, "tensor": 1, "rules": raw["mesh"].get("rules", {})}
+        cfg = from_dict(apply_overrides({**raw, "mesh": dp}, overrides))
+        mesh = eval_mesh(cfg)
+        if _main():
+            print(f"sessa-eval: the training mesh does not fit here ({e}); evaluating "
+                  f"data-parallel over {mesh.devices.size} device"
+                  f"{'s' if mesh.devices.size > 1 else ''}", file=sys.stderr, flush=True)
     setup = make_setup(cfg, mesh)
     abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                             setup.abstract.params, setup.shardings.params)
     params, _, s = ckpt.restore_params(abstract, step)
     eval_step = make_eval_step(cfg, setup, token_byte_lengths(task))
     ev = run_eval(cfg, task, setup, eval_step, params, split=split)
-    result = {"step": s, "split": split, "task": cfg.data.task, "seq_len": cfg.data.seq_len, **ev}
+    result = {"step": s, "split": split, "task": cfg.data.task, "seq_len": cfg.data.seq_len,
+              "mesh": {a: int(mesh.shape[a]) for a in ("data", "fsdp", "tensor")}, **ev}
     if _main():
-        with open(os.path.join(run_dir, "eval_results.jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+        append_text(ckpt.run_dir / "eval_results.jsonl",
+                    json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                                 for k, v in result.items()}) + "\n")
     return result

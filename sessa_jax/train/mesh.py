@@ -23,14 +23,95 @@ from sessa_jax.train.config import MESH_AXES, ConfigError, MeshConfig, TrainConf
 log = logging.getLogger(__name__)
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _int_env(env, key: str) -> int:
+    try:
+        return int(env.get(key, "") or 0)
+    except ValueError:
+        return 0
+
+
+def tpu_host_count(env=None) -> int:
+    """How many TPU hosts the environment describes (0: it does not say).
+
+    Read without network: the worker list (TPU_PROCESS_ADDRESSES / TPU_WORKER_HOSTNAMES, as
+    GKE and Cloud TPU VMs set them), the host grid of the slice (TPU_HOST_BOUNDS, e.g.
+    '2,2,1'), times the slices of a multislice job (MEGASCALE_NUM_SLICES).
+    """
+    env = os.environ if env is None else env
+    hosts = 0
+    for key in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):
+        names = [h for h in env.get(key, "").split(",") if h.strip()]
+        if names:
+            hosts = len(names)
+            break
+    if not hosts and env.get("TPU_HOST_BOUNDS"):
+        try:
+            hosts = math.prod(int(x) for x in env["TPU_HOST_BOUNDS"].split(","))
+        except ValueError:
+            hosts = 0
+    slices = _int_env(env, "MEGASCALE_NUM_SLICES")
+    if slices > 1:
+        hosts = max(hosts, 1) * slices
+    return hosts
+
+
+def _cloud_tpu_vm_hosts() -> int:
+    """Hosts of this slice from the Cloud TPU VM metadata (only on a TPU VM, where a metadata
+    server answers; 0 anywhere else or on any failure)."""
+    import glob
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None or not (glob.glob("/dev/accel*")
+                                                          or glob.glob("/dev/vfio/[0-9]*")):
+        return 0
+    try:
+        from jax._src.clusters.cloud_tpu_cluster import GceTpuCluster
+        return len(GceTpuCluster._get_worker_list_in_slice())  # noqa: SLF001
+    except Exception:  # no metadata server, old jax: say nothing
+        return 0
+
+
+def distributed_decision(env=None) -> tuple[Optional[bool], str]:
+    """(True: initialise / False: do not / None: ask the TPU VM metadata, why) from the
+    environment; see :func:`maybe_initialize_distributed`."""
+    env = os.environ if env is None else env
+    force = env.get("SESSA_DISTRIBUTED", "").strip().lower()
+    if force and force not in _TRUE + _FALSE:
+        raise ConfigError(f"SESSA_DISTRIBUTED={env['SESSA_DISTRIBUTED']!r}: expected 1 (always "
+                          "initialise jax.distributed), 0 (never) or unset (detect)")
+    if force in _FALSE:
+        return False, "SESSA_DISTRIBUTED=0"
+    if force in _TRUE:
+        return True, "SESSA_DISTRIBUTED=1"
+    if _int_env(env, "SLURM_NTASKS") > 1:
+        return True, "SLURM_NTASKS"
+    if _int_env(env, "OMPI_COMM_WORLD_SIZE") > 1:
+        return True, "OMPI_COMM_WORLD_SIZE"
+    hosts = tpu_host_count(env)
+    if hosts > 1:
+        return True, f"{hosts} TPU hosts"
+    if hosts == 1:
+        return False, "one TPU host"
+    return None, "the environment names no cluster"
+
+
 def maybe_initialize_distributed() -> bool:
-    """Call ``jax.distributed.initialize`` when the environment describes several processes.
+    """Call ``jax.distributed.initialize`` when the job spans several processes.
 
     Explicit: JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES, JAX_PROCESS_ID.
-    Cluster: SLURM / Open MPI / multi-host TPU environments, which jax detects itself.
-    Returns True when it initialised. Must run before anything touches a JAX backend.
+    Cluster: SLURM / Open MPI; TPU whenever more than one host exists (worker list, host
+    bounds or multislice variables; on a Cloud TPU VM whose environment says nothing, the
+    VM metadata's worker list), which jax then reads itself. ``SESSA_DISTRIBUTED=1`` forces
+    the call (jax detects the cluster), ``0`` prevents it. Returns True when it initialised.
+    Must run before anything touches a JAX backend.
     """
     env = os.environ
+    decision, why = distributed_decision(env)
+    if decision is False:
+        return False
     addr = env.get("JAX_COORDINATOR_ADDRESS")
     if addr:
         try:
@@ -41,19 +122,105 @@ def maybe_initialize_distributed() -> bool:
                 "JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and JAX_PROCESS_ID must be "
                 f"integers (got {env.get('JAX_NUM_PROCESSES')!r}, {env.get('JAX_PROCESS_ID')!r})"
             ) from None
-        if n <= 1:
+        if n <= 1 and decision is not True:
             return False
         jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid)
         return True
-    cluster = (
-        int(env.get("SLURM_NTASKS", "1") or 1) > 1
-        or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
-        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-    )
-    if cluster:
+    if decision is None:
+        hosts = _cloud_tpu_vm_hosts()
+        decision, why = hosts > 1, f"{hosts} TPU hosts (VM metadata)"
+    if decision:
+        log.info("jax.distributed.initialize(): %s", why)
         jax.distributed.initialize()
         return True
     return False
+
+
+# -- agreement between processes --------------------------------------------------------------
+
+
+def _client():
+    """The jax.distributed client (its key-value store needs no device), or None."""
+    try:
+        from jax._src import distributed
+        return distributed.global_state.client
+    except Exception:  # pragma: no cover - a jax without it: fall back to a collective
+        return None
+
+
+def all_processes(value: int, tag: str, timeout_s: float = 3600.0) -> list[int]:
+    """``value`` of every process, in process order (``[value]`` with one process).
+
+    Through the jax.distributed key-value store when there is one: host to host, no device
+    work, so the host does not wait for the steps it already dispatched (a device collective
+    would queue behind them). ``tag`` must be unique per call and the same on all processes.
+    Without a client, ``multihost_utils.process_allgather``.
+    """
+    n = jax.process_count()
+    if n == 1:
+        return [int(value)]
+    client = _client()
+    if client is None:
+        from jax.experimental import multihost_utils
+        got = multihost_utils.process_allgather(np.int32(value))
+        return [int(x) for x in np.asarray(got).reshape(-1)]
+    me = jax.process_index()
+    client.key_value_set(f"sessa/{tag}/{me}", str(int(value)))
+    out = []
+    for p in range(n):
+        try:
+            out.append(int(client.blocking_key_value_get(f"sessa/{tag}/{p}",
+                                                         int(timeout_s * 1000))))
+        except Exception as e:  # a dead or stuck process: say which
+            raise RuntimeError(f"process {me}: no answer from process {p} on {tag!r} within "
+                               f"{timeout_s:.0f}s ({type(e).__name__}: {e})") from None
+    return out
+
+
+def forget(tag: str) -> None:
+    """Drop this process's key of an :func:`all_processes` call that every process has read."""
+    client = _client()
+    if client is not None and jax.process_count() > 1:
+        try:
+            client.key_value_delete(f"sessa/{tag}/{jax.process_index()}")
+        except Exception:  # housekeeping only
+            pass
+
+
+def same_on_all_processes(value: int, what: str, hint: str = "") -> int:
+    """``value``, checked equal on every process; an error listing them when not."""
+    got = all_processes(value, f"same/{what.replace(' ', '_')}")
+    if len(set(got)) > 1:
+        from sessa_jax.train.checkpoint import CheckpointError
+        raise CheckpointError(f"processes disagree on {what}: "
+                              + ", ".join(f"process {i}: {v}" for i, v in enumerate(got))
+                              + (f"; {hint}" if hint else ""))
+    return value
+
+
+# -- persistent compilation cache -------------------------------------------------------------
+
+
+def set_compilation_cache(path: Optional[str]) -> Optional[str]:
+    """Use JAX's persistent compilation cache in ``path`` (local or gs://...; None: leave JAX
+    as it is). Call before the first compile of the run. Compiles taking at least
+    ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` (default here 1 s: the train and eval steps,
+    not every small helper) are stored; entries of any size. Returns the directory."""
+    if not path:
+        return None
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    from sessa_jax.paths import user_path
+
+    d = str(user_path(path))
+    if jax.config.jax_compilation_cache_dir != d:
+        cc.reset_cache()  # a cache opened earlier in this process on another directory
+        cc.set_cache_dir(d)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # any size
+    return d
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:

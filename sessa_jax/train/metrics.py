@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from typing import Optional
@@ -96,56 +95,83 @@ def _clean(v):
 
 
 class MetricsWriter:
-    """metrics.jsonl + TensorBoard event files in the run directory (process 0 only)."""
+    """metrics.jsonl + TensorBoard event files in the run directory (process 0 only).
 
-    def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True):
+    ``run_dir`` may be a URI (gs://...). A local metrics.jsonl is appended to line by line; an
+    object store cannot append, so there the file is rewritten whole, at most every
+    ``remote_flush_sec`` seconds, on :meth:`flush` (the loop calls it when it saves a
+    checkpoint) and on :meth:`close`.
+    """
+
+    def __init__(self, run_dir, enabled: bool = True, tensorboard: bool = True,
+                 remote_flush_sec: float = 60.0):
+        from sessa_jax.paths import is_local, user_path
+
         self.enabled = enabled
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.run_dir = user_path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.local = is_local(self.path)
+        self.remote_flush_sec = remote_flush_sec
+        self._lines: Optional[list[str]] = None  # remote: the whole file, in memory
+        self._dirty, self._flushed_at = False, time.perf_counter()
         self.tb = None
         if enabled and tensorboard:
             try:
-                from tensorboardX import SummaryWriter
-                self.tb = SummaryWriter(logdir=os.path.join(run_dir, "tb"))
+                from tensorboardX import SummaryWriter  # writes gs:// and s3:// itself
+                self.tb = SummaryWriter(logdir=str(self.run_dir / "tb"))
             except Exception as e:  # TensorBoard is a nicety; never fail a run over it
                 print(f"warning: TensorBoard disabled ({e})", file=sys.stderr)
 
+    def _read_lines(self) -> list[str]:
+        if not self.path.exists():
+            return []
+        return self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+
     def truncate_after(self, step: int) -> None:
         """Drop lines past ``step`` (a resumed run rewrites what followed its checkpoint)."""
-        if not self.enabled or not os.path.exists(self.path):
+        if not self.enabled or not self.path.exists():
             return
         keep = []
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    if json.loads(line).get("step", 0) <= step:
-                        keep.append(line if line.endswith("\n") else line + "\n")
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(keep)
-        os.replace(tmp, self.path)
+        for line in self._read_lines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+        from sessa_jax.paths import write_text
+        write_text(self.path, "".join(keep))
+        if not self.local:
+            self._lines = keep
 
     def history(self) -> list[dict]:
         """The records already in metrics.jsonl (empty when none, or not process 0)."""
-        if not self.enabled or not os.path.exists(self.path):
+        if not self.enabled:
             return []
+        lines = self._lines if self._lines is not None else self._read_lines()
         out = []
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
         return out
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         rec = {k: _clean(v) for k, v in record.items()}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
+        line = json.dumps(rec) + "\n"
+        if self.local:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+        else:
+            if self._lines is None:
+                self._lines = self._read_lines()
+            self._lines.append(line)
+            self._dirty = True
+            if time.perf_counter() - self._flushed_at >= self.remote_flush_sec:
+                self.flush()
         if self.tb is not None:
             step = rec["step"]
             for k, v in rec.items():
@@ -155,7 +181,14 @@ class MetricsWriter:
                 self.tb.add_scalar(tag, v, step)
             self.tb.flush()
 
+    def flush(self) -> None:
+        """Write what is pending (only an object store has anything pending)."""
+        if self.enabled and self._dirty and self._lines is not None:
+            self.path.write_text("".join(self._lines), encoding="utf-8")
+            self._dirty, self._flushed_at = False, time.perf_counter()
+
     def close(self) -> None:
+        self.flush()
         if self.tb is not None:
             self.tb.close()
 
@@ -215,3 +248,130 @@ def progress_line(step: int, total: int, m: dict) -> str:
     if m.get("eval/bits_per_byte") is not None:
         parts.append(f"eval bpb {m['eval/bits_per_byte']:.3f}")
     return " | ".join(parts)
+
+
+# -- goodput: where a session's wall time went ------------------------------------------------
+
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+
+
+class Goodput:
+    """Wall time of a training session split into what was lost and what trained.
+
+    ``compile``: JAX's own tracing, lowering and XLA compile (or cache-load) durations, from
+    ``jax.monitoring`` (every jit of the session: train, eval, checksum steps). The other
+    buckets are timed around the loop's calls with the compile time inside them taken out, so
+    no second counts twice: ``setup`` (config, mesh, model, restore), ``data`` (blocked on the
+    input pipeline), ``checkpoint`` (saving and waiting for saves), ``eval``, ``profile``.
+    ``step`` is the rest: dispatching and running training steps. They add up to the wall time.
+    Also counts persistent compilation cache hits and misses (writes).
+    """
+
+    BUCKETS = ("setup", "data", "checkpoint", "eval", "profile")
+
+    def __init__(self, t0: Optional[float] = None):
+        import jax.monitoring
+
+        self.t0 = time.perf_counter() if t0 is None else t0
+        self._spans: list[tuple[float, float]] = []  # (start, end) of each compile event
+        self.cache_hits = self.cache_writes = 0
+        self.sec = {b: 0.0 for b in self.BUCKETS}
+        self._mon = jax.monitoring
+        self._mon.register_event_duration_secs_listener(self._on_duration)
+        self._mon.register_event_listener(self._on_event)
+
+    def _on_duration(self, event: str, duration: float, **kw) -> None:
+        if event in _COMPILE_EVENTS:  # reported when it ends; a nested jit's trace lies
+            end = time.perf_counter()  # inside its caller's: spans are merged, not summed
+            self._spans.append((end - float(duration), end))
+
+    def compile_between(self, t0: float = float("-inf"), t1: float = float("inf")) -> float:
+        """Seconds inside [t0, t1] spent tracing, lowering or compiling (spans merged)."""
+        total, cur = 0.0, None
+        for a, b in sorted((max(a, t0), min(b, t1)) for a, b in self._spans):
+            if b <= a:
+                continue
+            if cur is None or a > cur[1]:
+                if cur is not None:
+                    total += cur[1] - cur[0]
+                cur = [a, b]
+            else:
+                cur[1] = max(cur[1], b)
+        if cur is not None:
+            total += cur[1] - cur[0]
+        return total
+
+    @property
+    def compile(self) -> float:
+        return self.compile_between(self.t0)
+
+    def _on_event(self, event: str, **kw) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            self.cache_hits += 1
+        elif event == "/jax/compilation_cache/cache_misses":
+            self.cache_writes += 1
+
+    def close(self) -> None:
+        for fn, unreg in ((self._on_duration, self._mon.unregister_event_duration_listener),
+                          (self._on_event, self._mon.unregister_event_listener)):
+            try:
+                unreg(fn)
+            except (AssertionError, ValueError):
+                pass
+
+    class _Timer:
+        def __init__(self, owner, bucket):
+            self.owner, self.bucket = owner, bucket
+
+        def __enter__(self):
+            self.t = time.perf_counter()
+            return self
+
+        def __exit__(self, *exc):
+            self.owner.add(self.bucket, self.t, time.perf_counter())
+
+    def add(self, bucket: str, t0: float, t1: float) -> None:
+        """Add the wall time [t0, t1] (less compiles in it) to ``bucket``."""
+        self.sec[bucket] += max(0.0, t1 - t0 - self.compile_between(t0, t1))
+
+    def timing(self, bucket: str) -> "Goodput._Timer":
+        """``with goodput.timing('data'): ...`` adds the block's time (less compiles) there."""
+        return self._Timer(self, bucket)
+
+    def report(self, tokens: int, flops_per_token: float, peak_total: Optional[float]) -> dict:
+        """The summary's ``goodput`` entry; ``tokens``: tokens trained this session."""
+        total = time.perf_counter() - self.t0
+        comp = self.compile
+        lost = comp + sum(self.sec.values())
+        step = max(0.0, total - lost)
+        out = {"total_sec": total, "compile_sec": comp,
+               **{f"{b}_sec": v for b, v in self.sec.items()}, "step_sec": step,
+               "goodput": step / total if total > 0 else None,
+               "tokens_per_sec": tokens / total if total > 0 else None,
+               "step_tokens_per_sec": tokens / step if step > 0 else None,
+               "mfu": None, "step_mfu": None,
+               "compilation_cache": {"hits": self.cache_hits, "writes": self.cache_writes}}
+        if peak_total:
+            flops = tokens * flops_per_token
+            out["mfu"] = flops / (total * peak_total) if total > 0 else None
+            out["step_mfu"] = flops / (step * peak_total) if step > 0 else None
+        return out
+
+
+def goodput_line(g: dict) -> str:
+    """'time: 1m05s = compile 12s (18%) + data 1s + checkpoint 3s + ... | MFU 41.2% (steps 45.0%)'."""
+    total = g["total_sec"] or 1e-9
+    parts = []
+    for name in ("step", "compile", "setup", "data", "checkpoint", "eval", "profile"):
+        v = g.get(f"{name}_sec") or 0.0
+        if name in ("step", "compile", "data", "checkpoint") or v >= 0.05:
+            label = "training steps" if name == "step" else name
+            parts.append(f"{label} {v:.1f}s ({v / total:.0%})")
+    mfu = ("MFU n/a (unknown device peak)" if g.get("mfu") is None else
+           f"MFU {g['mfu']:.1%} over the session, {g['step_mfu']:.1%} over training steps")
+    cache = g.get("compilation_cache") or {}
+    extra = (f" | compilation cache: {cache['hits']} hits, {cache['writes']} writes"
+             if cache.get("hits") or cache.get("writes") else "")
+    return f"time {fmt_duration(g['total_sec'])} = " + " + ".join(parts) + f" | {mfu}{extra}"
