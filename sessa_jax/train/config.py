@@ -628,7 +628,7 @@ _DATA_FREE = ("num_threads", "prefetch", "on_bad_record")
 # names or dtype): a resume, sessa-eval and an export may set them anew. param_dtype and every
 # architecture field are not in this list.
 EXECUTION_FIELDS = ("attention_impl", "feedback_impl", "chunk_size", "feedback_segments",
-                    "feedback_inverse", "scan_impl", "ssm_chunk_size", "remat", "loss_chunk_size",
+                    "feedback_inverse", "feedback_unroll", "scan_impl", "ssm_chunk_size", "remat", "loss_chunk_size",
                     "dtype")
 
 
