@@ -65,7 +65,17 @@ def run_one(args, n: int, batch: int, workdir: str) -> dict:
     steady = rows[1:]  # the first window follows the compiling step's wake
     tps = statistics.median(r["tokens_per_sec"] for r in steady)
     mfu = [r["mfu"] for r in steady if r.get("mfu") is not None]
+    # Where the session's time went (train/metrics.py Goodput): the data-wait share of the
+    # time spent in steps and waiting for batches.
+    goodput = {}
+    summary_path = os.path.join(out_dir, "summary.json")
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            goodput = json.load(f).get("goodput") or {}
+    busy = (goodput.get("step_sec") or 0.0) + (goodput.get("data_sec") or 0.0)
     return {
+        "data_wait_frac": goodput.get("data_sec", 0.0) / busy if busy > 0 else None,
+        "goodput": goodput,
         "devices": n, "global_batch": batch, "per_device_batch": batch / n,
         "tokens_per_sec": tps, "tokens_per_sec_per_device": tps / n,
         "mfu": statistics.median(mfu) if mfu else None,
@@ -129,14 +139,15 @@ def main(argv=None) -> int:
     print(f"\n{device_name}, {cfg.model.family} d_model={cfg.model.d_model} "
           f"n_layers={cfg.model.n_layers}, T={cfg.data.seq_len}, {args.steps} steps per run")
     print(f"{'devices':>7} {'mode':>6} {'batch':>5} {'tokens/s':>11} {'per dev':>10} "
-          f"{'speed-up':>8} {'MFU':>6}")
+          f"{'speed-up':>8} {'MFU':>6} {'data wait':>9}")
     for r in results:
         speed = r["tokens_per_sec"] / base["tokens_per_sec"]
         r["speedup_vs_1"] = speed
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        wait = f"{r['data_wait_frac']:.2%}" if r.get("data_wait_frac") is not None else "n/a"
         print(f"{r['devices']:>7} {r['mode']:>6} {r['global_batch']:>5} "
               f"{r['tokens_per_sec']:>11,.0f} {r['tokens_per_sec_per_device']:>10,.0f} "
-              f"{speed:>7.2f}x {mfu:>6}")
+              f"{speed:>7.2f}x {mfu:>6} {wait:>9}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
