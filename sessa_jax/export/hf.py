@@ -70,11 +70,25 @@ def loading_hint() -> str:
 # -- config ----------------------------------------------------------------------------------------
 
 
+# Families the Hugging Face modeling file (hf_files/modeling_sessa.py) implements.
+HF_FAMILIES = ("sessa", "transformer", "mamba")
+
+
+def check_hf_family(cfg: ModelConfig) -> None:
+    """ExportError for a family the modeling file lacks (it would load as another model)."""
+    if cfg.family not in HF_FAMILIES:
+        raise ExportError(
+            f"model.family={cfg.family!r}: the Hugging Face modeling file implements "
+            f"{', '.join(HF_FAMILIES)} only; export it in the native format instead "
+            f"(sessa-export without --format hf)")
+
+
 def hf_config(cfg: ModelConfig, *, dtype: str = "float32", tokenizer: Optional[dict] = None,
               extra: Optional[dict] = None) -> dict:
     """The config.json of an export of a DecoderLM(cfg)."""
     from sessa_jax.train.config import to_dict
 
+    check_hf_family(cfg)
     if getattr(cfg, "feedback_qk_norm", False):
         raise ExportError("model.feedback_qk_norm=True: the Hugging Face modeling file has no "
                           "q_b/k_b norms, so it would compute another model; export without it")
@@ -134,6 +148,7 @@ def model_config_from_hf(raw: Mapping, where: str = CONFIG_NAME) -> ModelConfig:
     if cfg.mlp_hidden != hidden:
         raise ExportError(f"{where}: intermediate_size={hidden} is not a width sessa_jax builds "
                           f"(a multiple of 8 of mlp_ratio * hidden_size)")
+    check_hf_family(cfg)
     if cfg.family == "mamba" and raw.get("time_step_rank") not in (None, cfg.block_config().rank):
         raise ExportError(f"{where}: time_step_rank={raw['time_step_rank']} but sessa_jax uses "
                           f"ceil(hidden_size / 16) = {cfg.block_config().rank}")
@@ -215,6 +230,7 @@ def export_hf(params, cfg: ModelConfig, out_dir: str, *, dtype: str = "fp32",
     """
     import jax
 
+    check_hf_family(cfg)
     if dtype not in _DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected bf16 or fp32")
     np_dtype = np.dtype(jax.numpy.dtype(_DTYPES[dtype]))

@@ -105,8 +105,10 @@ def hf_entries(cfg: ModelConfig) -> list[Entry]:
             e += sessa_layer_entries(cfg.n_heads, p, j)
         elif cfg.family == "transformer":
             e += _attention_entries(cfg.n_heads, p, j)
-        else:
+        elif cfg.family == "mamba":
             e += _mamba_entries(p, j)
+        else:
+            raise ValueError(f"model.family={cfg.family!r}: no Hugging Face names for it")
         if cfg.mlp_hidden:
             e += mlp_entries(p, f"blocks.{i}.")
     e += _norm("model.norm", "ln_f")

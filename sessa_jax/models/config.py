@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from sessa_jax.ops.attention import ATTENTION_IMPLS, AttentionImpl, check_attention_impl
 
 FeedbackImpl = Literal["dense", "chunked"]
-Family = Literal["sessa", "transformer", "mamba"]
+Family = Literal["sessa", "transformer", "mamba", "mamba2"]
+FAMILY_NAMES = ("sessa", "transformer", "mamba", "mamba2")
 Remat = Literal["none", "full", "dots", "save_feedback"]
 _REMATS = ("none", "full", "dots", "save_feedback")
 
@@ -208,6 +209,77 @@ class MambaConfig:
         return self.dt_rank or math.ceil(self.d_model / 16)
 
 
+def _check_ssd_shape(d_model, d_state, expand, head_dim, ngroups, d_conv, chunk_size, impl,
+                     names=None) -> None:
+    """The shape fields of a Mamba-2 block; ``names`` renames fields in the messages (the
+    ModelConfig spells head_dim ``ssd_head_dim`` and so on)."""
+    n = {f: f for f in ("d_model", "d_state", "expand", "head_dim", "ngroups", "d_conv",
+                        "chunk_size", "scan_impl")}
+    n.update(names or {})
+    vals = dict(d_model=d_model, d_state=d_state, expand=expand, head_dim=head_dim,
+                ngroups=ngroups, d_conv=d_conv, chunk_size=chunk_size)
+    for f, v in vals.items():
+        _check_positive(n[f], v)
+    E = expand * d_model
+    if E % head_dim:
+        raise ValueError(
+            f"{n['head_dim']}={head_dim} does not divide d_inner = {n['expand']} * "
+            f"{n['d_model']} = {expand} * {d_model} = {E}"
+        )
+    if (E // head_dim) % ngroups:
+        raise ValueError(
+            f"{n['ngroups']}={ngroups} does not divide the {E // head_dim} heads "
+            f"(d_inner {E} / {n['head_dim']} {head_dim})"
+        )
+    if impl not in ("chunked", "sequential"):
+        raise ValueError(f"{n['scan_impl']}={impl!r}: expected 'chunked' or 'sequential'")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mamba2Config:
+    """One pre-norm Mamba-2 block (Dao & Gu 2024): multi-head SSM with a scalar decay per head,
+    computed in the chunked matmul ("SSD") form (sessa_jax/ops/ssd.py)."""
+
+    d_model: int
+    d_state: int = 128  # N (the Mamba-2 paper's default)
+    expand: int = 2  # d_inner E = expand * d_model
+    head_dim: int = 64  # P; n_heads H = E / P
+    ngroups: int = 1  # G groups of heads sharing one B and C
+    d_conv: int = 4  # taps of the causal depthwise conv on (x, B, C)
+    chunk_size: int = 128  # Q of the chunked scan: Q x Q intra-chunk products, T/Q serial steps
+    scan_impl: Literal["chunked", "sequential"] = "chunked"
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    ln_eps: float = 1e-5  # the pre-norm LayerNorm and the gated RMSNorm
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        _check_ssd_shape(self.d_model, self.d_state, self.expand, self.head_dim, self.ngroups,
+                         self.d_conv, self.chunk_size, self.scan_impl)
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ValueError(
+                f"dt_min={self.dt_min!r}, dt_max={self.dt_max!r}: expected 0 < dt_min <= dt_max"
+            )
+        if not self.ln_eps > 0:
+            raise ValueError(f"ln_eps={self.ln_eps!r}: expected a positive number")
+        _check_dtype("dtype", self.dtype)
+        _check_dtype("param_dtype", self.param_dtype)
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def n_heads(self) -> int:
+        return self.d_inner // self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the conv: x (E) and B, C (G * N each)."""
+        return self.d_inner + 2 * self.ngroups * self.d_state
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A decoder LM: embedding -> n_layers blocks -> final LayerNorm -> LM head.
@@ -242,6 +314,11 @@ class ModelConfig:
     d_conv: int = 4
     scan_impl: Literal["associative", "chunked", "sequential"] = "chunked"
     ssm_chunk_size: int = 16  # the Mamba block's scan chunk (chunk_size is Sessa's)
+    # Mamba-2 (family "mamba2"; d_state, expand, d_conv above are shared with "mamba")
+    ssd_head_dim: int = 64  # P: heads = expand * d_model / ssd_head_dim
+    ssd_ngroups: int = 1  # groups of heads sharing B and C
+    ssd_chunk_size: int = 128  # the SSD scan's chunk Q (ops/ssd.py)
+    ssd_impl: Literal["chunked", "sequential"] = "chunked"
     # execution
     # "save_feedback": recompute each block in the backward pass except the feedback solve,
     # whose named residuals (s, ctx, lse, block inverses) are kept.
@@ -254,9 +331,9 @@ class ModelConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self):
-        if self.family not in ("sessa", "transformer", "mamba"):
+        if self.family not in FAMILY_NAMES:
             raise ValueError(
-                f"family={self.family!r}: expected 'sessa', 'transformer' or 'mamba'"
+                f"family={self.family!r}: expected one of {', '.join(FAMILY_NAMES)}"
             )
         for f in ("vocab_size", "d_model", "n_layers"):
             _check_positive(f, getattr(self, f))
@@ -270,6 +347,11 @@ class ModelConfig:
             raise ValueError(
                 f"loss_chunk_size={self.loss_chunk_size!r}: expected an integer >= 0 (0 = off)"
             )
+        if self.family == "mamba2":  # checked here first, so the messages name these fields
+            _check_ssd_shape(self.d_model, self.d_state, self.expand, self.ssd_head_dim,
+                             self.ssd_ngroups, self.d_conv, self.ssd_chunk_size, self.ssd_impl,
+                             names=dict(head_dim="ssd_head_dim", ngroups="ssd_ngroups",
+                                        chunk_size="ssd_chunk_size", scan_impl="ssd_impl"))
         self.block_config()  # validates the family's own fields, naming them
 
     def block_config(self):
@@ -291,6 +373,13 @@ class ModelConfig:
                 use_rope=self.use_rope, rope_base=self.rope_base, ln_eps=self.ln_eps,
                 attention_impl=self.attention_impl, dtype=self.dtype,
                 param_dtype=self.param_dtype,
+            )
+        if self.family == "mamba2":
+            return Mamba2Config(
+                d_model=self.d_model, d_state=self.d_state, expand=self.expand,
+                head_dim=self.ssd_head_dim, ngroups=self.ssd_ngroups, d_conv=self.d_conv,
+                chunk_size=self.ssd_chunk_size, scan_impl=self.ssd_impl,
+                ln_eps=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
             )
         return MambaConfig(
             d_model=self.d_model, d_state=self.d_state, expand=self.expand, d_conv=self.d_conv,

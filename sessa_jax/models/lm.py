@@ -3,7 +3,8 @@
     tokens (B, T) -> Embed -> n_layers x [mixer block (+ SwiGLU MLP block)] -> LayerNorm
                   -> LM head (tied to the embedding or not) -> logits (B, T, V)
 
-``family`` = "sessa" (SessaLayer), "transformer" (AttentionBlock) or "mamba" (MambaBlock).
+``family`` = "sessa" (SessaLayer), "transformer" (AttentionBlock), "mamba" (MambaBlock) or
+"mamba2" (Mamba2Block).
 Every block has the same inference interface (init_cache / prefill / decode_step), so
 generation is family-agnostic (see :mod:`sessa_jax.generate`).
 """
@@ -20,11 +21,13 @@ from sessa_jax.models.attention import AttentionBlock
 from sessa_jax.models.config import ModelConfig, to_dtype
 from sessa_jax.models.layers import layer_norm, linear, logical
 from sessa_jax.models.mamba import MambaBlock
+from sessa_jax.models.mamba2 import Mamba2Block
 from sessa_jax.models.partitioning import constrain
 from sessa_jax.models.sessa import SessaLayer
 from sessa_jax.ops.feedback import RESIDUAL_NAMES as FEEDBACK_RESIDUALS
 
-_MIXERS = {"sessa": SessaLayer, "transformer": AttentionBlock, "mamba": MambaBlock}
+_MIXERS = {"sessa": SessaLayer, "transformer": AttentionBlock, "mamba": MambaBlock,
+           "mamba2": Mamba2Block}
 
 _RESIDUAL = ("batch", "length", "act_embed")
 

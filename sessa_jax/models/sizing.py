@@ -15,9 +15,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Mapping, Optional
 
-from sessa_jax.models.config import AttentionConfig, MambaConfig, ModelConfig, SessaConfig
+from sessa_jax.models.config import (
+    FAMILY_NAMES, AttentionConfig, Mamba2Config, MambaConfig, ModelConfig, SessaConfig,
+)
 
-FAMILIES = ("sessa", "transformer", "mamba")
+FAMILIES = FAMILY_NAMES
+
+# A family's own layout defaults where they differ from ModelConfig's shared defaults, used
+# by match_widths when the caller does not fix the field: Mamba-2's state is N = 128 (the
+# paper's), not Mamba-1's 16.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {"mamba2": {"d_state": 128}}
 
 # ------------------------------------------------------------------------ exact counting
 
@@ -51,6 +58,16 @@ def mixer_params(cfg: ModelConfig) -> int:
         )
     if isinstance(bc, AttentionConfig):
         return ln + _attention(bc)
+    if isinstance(bc, Mamba2Config):
+        E, F, H, K = bc.d_inner, bc.conv_dim, bc.n_heads, bc.d_conv
+        return (
+            ln
+            + _linear(D, E + F + H, bias=False)  # in_proj: z, x, B, C, dt
+            + K * F + F  # depthwise conv kernel + bias on (x, B, C)
+            + 3 * H  # dt_bias, A_log, D
+            + E  # gated RMSNorm weight
+            + _linear(E, D, bias=False)  # out_proj
+        )
     assert isinstance(bc, MambaConfig)
     E, N, R, K = bc.d_inner, bc.d_state, bc.rank, bc.d_conv
     return (
@@ -297,6 +314,19 @@ def _match_one(
                 if abs(best[1]) <= tol:
                     break
 
+    # 3b. Mamba-2: its width grid is coarser (expand * d_model a multiple of the head dim);
+    #     the smallest change of d_state (multiples of 16, nearest first) that reaches the
+    #     tolerance, else the closest any d_state gets.
+    if family == "mamba2" and "d_state" not in pinned:
+        base_state = kw["d_state"]
+        for n in sorted(range(16, 257, 16), key=lambda n: (abs(n - base_state), n)):
+            alt = _best(_mamba_candidates(family, n_layers, {**kw, "d_state": n}, d_max), target)
+            if alt is not None and abs(alt[1]) < abs(best[1]):
+                best = alt
+                notes = [f"d_state {base_state} -> {n} to reach the target"]
+                if abs(best[1]) <= tol:
+                    break
+
     # 4. Last resort, a family without an MLP (tiny models, where one step of d_model is
     #    several percent): add a small MLP below the closest smaller strict width.
     if abs(best[1]) > tol and "mlp_ratio" not in pinned:
@@ -336,9 +366,10 @@ def match_widths(
 
     Width rules: attention families (sessa, transformer) use d_model a multiple of
     2 * n_heads, with n_heads = d_model / default_head_dim(d_model) unless n_heads is fixed;
-    mamba uses d_model a multiple of 8. When d_model alone cannot reach the tolerance, in
+    mamba uses d_model a multiple of 8, mamba2 too with expand * d_model a multiple of
+    ssd_head_dim (its d_state defaults to 128, FAMILY_DEFAULTS). When d_model alone cannot reach the tolerance, in
     order: a family with an MLP tunes its mlp_ratio; an attention family lets head_dim drift
-    from its default; mamba tries other expand, then d_state values (unless given); last, a
+    from its default; mamba and mamba2 try other expand, then d_state values (unless given); last, a
     family whose mlp_ratio was not given gets a small MLP. Every such change is listed in
     ``Match.notes``; a family that still misses has a note saying so.
 
@@ -348,13 +379,14 @@ def match_widths(
     for fam in families:
         if fam not in FAMILIES:
             raise ValueError(f"family={fam!r}: expected one of {', '.join(FAMILIES)}")
-        kw = _fixed_for(fam, fixed)
+        given = _fixed_for(fam, fixed)
+        kw = {**FAMILY_DEFAULTS.get(fam, {}), **given}
         for bad in ("family", "n_layers", "d_model"):
-            if bad in kw:
+            if bad in given:
                 raise ValueError(f"match_widths sets {bad} itself; do not pass it")
         # Given by the caller: expand/d_state are never changed, and an MLP is never added
         # to a family whose mlp_ratio was given (a given mlp_ratio > 0 may still be tuned).
-        pinned = tuple(k for k in ("expand", "d_state", "mlp_ratio") if k in kw)
+        pinned = tuple(k for k in ("expand", "d_state", "mlp_ratio") if k in given)
         out[fam] = _match_one(fam, float(target_params), n_layers, kw, tol, pinned)
     return out
 
@@ -369,14 +401,14 @@ _YAML_ALWAYS = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_
 def config_fields(cfg: ModelConfig) -> dict[str, Any]:
     """A ModelConfig as a flat {field: value} mapping for a YAML file: the main fields, plus
     any other field that differs from its default. n_heads/n_kv_heads are left out for mamba
-    (unused), n_kv_heads when it is None."""
+    and mamba2 (unused), n_kv_heads when it is None."""
     default = ModelConfig()
     out = {}
     for f in dataclasses.fields(ModelConfig):
         v = getattr(cfg, f.name)
         if f.name in _YAML_ALWAYS or v != getattr(default, f.name):
             out[f.name] = v
-    if cfg.family == "mamba":
+    if cfg.family in ("mamba", "mamba2"):
         out.pop("n_heads", None)
         out.pop("n_kv_heads", None)
     if out.get("n_kv_heads", 0) is None:

@@ -56,7 +56,10 @@ def flops_per_token(model_cfg: ModelConfig, seq_len: int, n_params: Optional[int
     6 N for the matmuls (N = parameters, less the embedding table when it is not tied to the
     LM head, since a lookup costs nothing) plus the sequence-mixing terms per layer, PaLM-style
     (no causal halving): causal attention 12 T D; Sessa twice that (forward branch plus the
-    full-width feedback attention and its solve); a Mamba-style scan about 18 d_inner d_state.
+    full-width feedback attention and its solve); a Mamba-style scan about 18 d_inner d_state;
+    Mamba-2's chunked SSD (chunk Q = min(ssd_chunk_size, T), E = d_inner, G N = B/C width)
+    3 x [2 Q (G N + E) (C B^T and its masked product with x, full Q x Q blocks) + 4 E N
+    (chunk states x^T B and the inter-chunk C h)].
     """
     n = param_count(model_cfg) if n_params is None else n_params
     if not model_cfg.tie_embeddings:
@@ -66,6 +69,10 @@ def flops_per_token(model_cfg: ModelConfig, seq_len: int, n_params: Optional[int
         mix = 12 * T * D
     elif model_cfg.family == "sessa":
         mix = 24 * T * D
+    elif model_cfg.family == "mamba2":
+        Q = min(model_cfg.ssd_chunk_size, T)
+        E, GN = model_cfg.expand * D, model_cfg.ssd_ngroups * model_cfg.d_state
+        mix = 3 * (2 * Q * (GN + E) + 4 * E * model_cfg.d_state)
     else:
         mix = 18 * model_cfg.expand * D * model_cfg.d_state
     return float(6 * n + L * mix)

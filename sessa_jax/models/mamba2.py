@@ -1,0 +1,241 @@
+"""Mamba-2 block (Dao & Gu 2024, "Transformers are SSMs"), the fast SSM baseline.
+
+``Mamba2Block``: ``y = x + Mixer(LayerNorm(x))`` with the Mamba-2 mixer
+
+    (z, xBC, dt_in) = in_proj(u)                        D -> E + (E + 2GN) + H   (no bias)
+    xBC    = SiLU(causal depthwise conv1d(xBC))         d_conv taps on x, B and C, + bias
+    (x, B, C) = xBC                                     x (H heads of P), B, C (G groups of N)
+    dt     = softplus(dt_in + dt_bias)                  one step size per head, float32
+    y      = SSD(x, dt, A = -exp(A_log), B, C) + D x    scalar decay per head (ops/ssd.py)
+    y      = RMSNorm(y * SiLU(z)) * norm_weight         gated, per group of E/G channels
+    out    = out_proj(y)                                E -> D   (no bias)
+
+with E = expand * D (``cfg.d_inner``), P = ``head_dim``, H = E / P heads, N = ``d_state``,
+G = ``ngroups``. Unlike Mamba-1 there is no x_proj / dt_proj: B, C and dt come straight from
+the in-projection, and A is one number per head, which is what lets the scan run as matmuls.
+
+Init as described in the paper's reference layout: dt_bias the inverse softplus of a log-uniform
+dt in [dt_min, dt_max] (floored at 1e-4), A = U(1, 16) per head (A_log = log A), D = 1, the norm
+weight 1, the conv and the projections with PyTorch's defaults (U(+-fan_in^-1/2)).
+
+The same inference interface as every block family: ``__call__`` (full sequence, optional
+document ``resets`` / ``segment_ids``), ``init_cache`` / ``prefill`` (right-padded prompts with
+``lengths``) / ``decode_step``.
+
+Parameter layout (logical axes): in_proj.kernel (D, 2E + 2GN + H) ("embed", "mlp") with output
+columns [z | x | B | C | dt]; conv_kernel (K, E + 2GN) ("conv", "mlp"), conv_kernel[k, f] =
+torch conv1d.weight[f, 0, k]; conv_bias (E + 2GN,) ("mlp",); dt_bias, A_log, D (H,)
+(replicated: tiny); norm_weight (E,) ("norm",); out_proj.kernel (E, D) ("mlp", "embed").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from sessa_jax.models.config import Mamba2Config, to_dtype
+from sessa_jax.models.layers import layer_norm, linear, logical, torch_uniform
+from sessa_jax.models.partitioning import constrain
+from sessa_jax.ops.ssd import causal_conv, ssd, ssd_step
+
+_DT_INIT_FLOOR = 1e-4
+_A_INIT_RANGE = (1.0, 16.0)
+
+
+@struct.dataclass
+class Mamba2Cache:
+    """Decoding state of one Mamba-2 block.
+
+    conv: (B, d_conv - 1, E + 2GN) the last d_conv - 1 inputs to the conv (oldest first), in the
+          compute dtype.
+    ssm:  (B, H, P, N) the SSM state, float32 (float64 for float64 compute).
+    pos:  (B,) int32 tokens consumed per row.
+    """
+
+    conv: jax.Array
+    ssm: jax.Array
+    pos: jax.Array
+
+
+def _dt_bias_init(cfg: Mamba2Config):
+    """b with softplus(b) ~ log-uniform in [dt_min, dt_max]: b = softplus^-1(dt)."""
+    lo, hi = math.log(cfg.dt_min), math.log(cfg.dt_max)
+
+    def init(key, shape, dtype=jnp.float32):
+        u = jax.random.uniform(key, shape, jnp.float32)
+        dt = jnp.maximum(jnp.exp(u * (hi - lo) + lo), _DT_INIT_FLOOR)
+        return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)  # stable for small dt
+
+    return init
+
+
+def _a_log_init(key, shape, dtype=jnp.float32):
+    lo, hi = _A_INIT_RANGE
+    return jnp.log(jax.random.uniform(key, shape, jnp.float32, lo, hi)).astype(dtype)
+
+
+class Mamba2Block(nnx.Module):
+    """Pre-norm residual Mamba-2 block: (B, T, D) -> (B, T, D). See the module docstring."""
+
+    def __init__(self, cfg: Mamba2Config, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, E, H, K, F = cfg.d_model, cfg.d_inner, cfg.n_heads, cfg.d_conv, cfg.conv_dim
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        pdt = to_dtype(cfg.param_dtype)
+        par = lambda init, names, shape: nnx.Param(logical(init, names)(rngs.params(), shape, pdt))
+
+        self.norm = layer_norm(D, cfg.ln_eps, **kw)
+        self.in_proj = linear(D, E + F + H, ("embed", "mlp"), use_bias=False, **kw)
+        self.conv_kernel = par(torch_uniform(K), ("conv", "mlp"), (K, F))  # fan_in K: depthwise
+        self.conv_bias = par(torch_uniform(K), ("mlp",), (F,))
+        self.dt_bias = par(_dt_bias_init(cfg), (None,), (H,))
+        self.A_log = par(_a_log_init, (None,), (H,))
+        self.D = par(nnx.initializers.ones_init(), (None,), (H,))
+        self.norm_weight = par(nnx.initializers.ones_init(), ("norm",), (E,))
+        self.out_proj = linear(E, D, ("mlp", "embed"), use_bias=False, **kw)
+
+    # ------------------------------------------------------------------ internals
+
+    @property
+    def _dtype(self):
+        return to_dtype(self.cfg.dtype)
+
+    @property
+    def _sdt(self):
+        """State / decay dtype: float32, or float64 when the compute dtype is float64."""
+        return jnp.dtype(jnp.float64 if self._dtype == jnp.float64 else jnp.float32)
+
+    def _split(self, zxbcdt):
+        """in_proj output (..., E + F + H) -> z (..., E), xBC (..., F), dt_in (..., H)."""
+        E, F = self.cfg.d_inner, self.cfg.conv_dim
+        return zxbcdt[..., :E], zxbcdt[..., E : E + F], zxbcdt[..., E + F :]
+
+    def _ssm_inputs(self, xbc, dt_in):
+        """Conv output (..., F) and dt_in (..., H) -> x (..., H, P), B, C (..., G, N) in the
+        compute dtype, dt (..., H) in the state dtype (the bias added in float32: a bf16 bias
+        near -7 would be off by ~3% in dt)."""
+        c = self.cfg
+        E, G, N = c.d_inner, c.ngroups, c.d_state
+        lead = xbc.shape[:-1]
+        x = xbc[..., :E].reshape(*lead, c.n_heads, c.head_dim)
+        Bm = xbc[..., E : E + G * N].reshape(*lead, G, N)
+        Cm = xbc[..., E + G * N :].reshape(*lead, G, N)
+        sdt = self._sdt
+        dt = jax.nn.softplus(dt_in.astype(sdt) + self.dt_bias[...].astype(sdt))
+        return x, Bm, Cm, dt
+
+    def _gated_out(self, y, z):
+        """y (..., E) SSD output (state dtype), z (..., E) gate -> out_proj(RMSNorm(y * SiLU(z)))
+        with the RMS taken over each group's E/G channels, in float32."""
+        c = self.cfg
+        g = y * jax.nn.silu(z.astype(y.dtype))
+        gg = g.reshape(*g.shape[:-1], c.ngroups, c.d_inner // c.ngroups)
+        gg = gg * jax.lax.rsqrt(jnp.mean(gg * gg, axis=-1, keepdims=True) + c.ln_eps)
+        g = gg.reshape(g.shape) * self.norm_weight[...].astype(y.dtype)
+        return self.out_proj(g.astype(self._dtype))
+
+    def _mix_seq(self, u, conv_state, h0, mask, resets):
+        """Mixer over a sequence. u (B, T, D) normed input; conv_state (B, K-1, F) or None
+        (zeros); h0 (B, H, P, N) or None; mask (B, T) bool or None (False: pad, the state does
+        not advance); resets (B, T) bool or None (True: a document starts, state and conv
+        restart). Returns out (B, T, D), xp (B, K-1+T, F) the conv input with history, and the
+        final state."""
+        B, T, _ = u.shape
+        K, F = self.cfg.d_conv, self.cfg.conv_dim
+        inner = ("batch", "length", "act_mlp")
+        z, xbc, dt_in = self._split(self.in_proj(u))
+        z, xbc = constrain(z, inner), constrain(xbc, inner)
+        if conv_state is None:
+            conv_state = jnp.zeros((B, K - 1, F), xbc.dtype)
+        xp = jnp.concatenate([conv_state.astype(xbc.dtype), xbc], axis=1)
+        w = self.conv_kernel[...].astype(self._dtype)
+        xc = jax.nn.silu(causal_conv(xp, w, self.conv_bias[...].astype(self._dtype), resets))
+        x, Bm, Cm, dt = self._ssm_inputs(xc, dt_in)
+        if mask is not None:
+            dt = jnp.where(mask[..., None], dt, 0.0)  # dt = 0: decay 1, nothing added
+        sdt = self._sdt
+        A = -jnp.exp(self.A_log[...].astype(sdt))
+        y, hT = ssd(x, dt, A, Bm, Cm, self.D[...].astype(sdt), h0, resets=resets,
+                    impl=self.cfg.scan_impl, chunk_size=self.cfg.chunk_size)
+        return self._gated_out(y.reshape(B, T, -1), z), xp, hT
+
+    # ------------------------------------------------------------------ public API
+
+    def __call__(self, x: jax.Array, segment_ids: Optional[jax.Array] = None, *,
+                 resets: Optional[jax.Array] = None) -> jax.Array:
+        """Full sequence: x (B, T, D) -> (B, T, D).
+
+        resets (B, T) bool: True at a document's first token (the state and the conv window
+        restart there). segment_ids (B, T) int: packed documents, turned into resets by
+        ``sessa_jax.ops.segments.segment_starts`` (give one or the other).
+        """
+        if segment_ids is not None:
+            if resets is not None:
+                raise ValueError("Mamba2Block: give segment_ids or resets, not both")
+            from sessa_jax.ops.segments import segment_starts  # the one home of ids -> starts
+
+            resets = segment_starts(segment_ids)
+        out, _, _ = self._mix_seq(self.norm(x), None, None, None, resets)
+        return x + out.astype(x.dtype)
+
+    def init_cache(self, batch_size: int, max_len: int) -> Mamba2Cache:
+        """Empty cache for ``batch_size`` rows. ``max_len`` is unused (the state is O(1) in T);
+        accepted so that every block family has the same signature."""
+        del max_len
+        c = self.cfg
+        return Mamba2Cache(
+            conv=jnp.zeros((batch_size, c.d_conv - 1, c.conv_dim), self._dtype),
+            ssm=jnp.zeros((batch_size, c.n_heads, c.head_dim, c.d_state), self._sdt),
+            pos=jnp.zeros((batch_size,), jnp.int32),
+        )
+
+    def prefill(
+        self, x: jax.Array, cache: Mamba2Cache, lengths: Optional[jax.Array] = None
+    ) -> tuple[jax.Array, Mamba2Cache]:
+        """Consume right-padded prompts x (B, T, D); ``lengths`` (B,) int32 real lengths (None: T).
+
+        Returns y (B, T, D) (pad positions arbitrary) and the cache after exactly ``lengths[b]``
+        tokens of row b: pad steps get dt = 0 (the state stops at the last real token) and the
+        conv window is gathered from the last real inputs. The cache's states are used as
+        history, so this also continues a non-fresh cache (pos advances by lengths).
+        """
+        B, T, _ = x.shape
+        K = self.cfg.d_conv
+        if lengths is None:
+            lengths = jnp.full((B,), T, jnp.int32)
+            mask = None
+        else:
+            lengths = jnp.asarray(lengths, jnp.int32)
+            mask = jnp.arange(T)[None, :] < lengths[:, None]
+        out, xp, hT = self._mix_seq(self.norm(x), cache.conv, cache.ssm, mask, None)
+        # xp index of token t is t + K - 1: the K - 1 inputs ending at token lengths - 1.
+        idx = lengths[:, None] + jnp.arange(K - 1)[None, :]  # (B, K-1)
+        conv = jnp.take_along_axis(xp, idx[..., None], axis=1)
+        new = Mamba2Cache(conv=conv.astype(cache.conv.dtype), ssm=hT.astype(cache.ssm.dtype),
+                          pos=cache.pos + lengths)
+        return x + out.astype(x.dtype), new
+
+    def decode_step(
+        self, x_t: jax.Array, cache: Mamba2Cache, *, check: bool = True
+    ) -> tuple[jax.Array, Mamba2Cache]:
+        """One token per row: x_t (B, 1, D) -> y_t (B, 1, D) and the advanced cache.
+
+        ``check`` is accepted for interface uniformity: an SSM state has no length limit.
+        """
+        del check
+        z, xbc, dt_in = self._split(self.in_proj(self.norm(x_t)[:, 0]))  # (B, E), (B, F), (B, H)
+        xp = jnp.concatenate([cache.conv.astype(xbc.dtype), xbc[:, None]], axis=1)  # (B, K, F)
+        w = self.conv_kernel[...].astype(self._dtype)
+        xc = jax.nn.silu(causal_conv(xp, w, self.conv_bias[...].astype(self._dtype))[:, 0])
+        x, Bm, Cm, dt = self._ssm_inputs(xc, dt_in)
+        sdt = cache.ssm.dtype
+        A = -jnp.exp(self.A_log[...].astype(sdt))
+        y, h = ssd_step(x, dt, A, Bm, Cm, self.D[...].astype(sdt), cache.ssm)
+        out = self._gated_out(y.reshape(y.shape[0], -1), z)[:, None]
+        new = Mamba2Cache(conv=xp[:, 1:].astype(cache.conv.dtype), ssm=h.astype(cache.ssm.dtype),
+                          pos=cache.pos + 1)
+        return x_t + out.astype(x_t.dtype), new
