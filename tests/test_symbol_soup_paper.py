@@ -134,7 +134,7 @@ def test_paper_splits_are_balanced():
 
 
 def test_paper_configs_load_for_every_family():
-    for fam in ("sessa", "transformer", "mamba"):
+    for fam in ("sessa", "transformer", "mamba", "mamba2"):
         cfg = load_config(os.path.join(CONFIGS, f"symbol_soup_paper-{fam}.yaml"))
         assert cfg.model.family == fam and cfg.data.symbol_soup.layout == "paper"
         assert cfg.data.seq_len == 2048 and cfg.run.global_batch_size == 16
