@@ -2,17 +2,20 @@
 
 ``Mamba2Block``: ``y = x + Mixer(LayerNorm(x))`` with the Mamba-2 mixer
 
-    (z, xBC, dt_in) = in_proj(u)                        D -> E + (E + 2GN) + H   (no bias)
-    xBC    = SiLU(causal depthwise conv1d(xBC))         d_conv taps on x, B and C, + bias
-    (x, B, C) = xBC                                     x (H heads of P), B, C (G groups of N)
+    (z, x)     = in_proj(u)                             D -> 2E        (no bias)
+    (BC, dt_in) = bcdt_proj(u)                          D -> 2GN + H   (no bias)
+    x, BC      = SiLU(causal depthwise conv1d(x, BC))   d_conv taps on x, B and C, + bias
     dt     = softplus(dt_in + dt_bias)                  one step size per head, float32
     y      = SSD(x, dt, A = -exp(A_log), B, C) + D x    scalar decay per head (ops/ssd.py)
     y      = RMSNorm(y * SiLU(z)) * norm_weight         gated, per group of E/G channels
     out    = out_proj(y)                                E -> D   (no bias)
 
-with E = expand * D (``cfg.d_inner``), P = ``head_dim``, H = E / P heads, N = ``d_state``,
-G = ``ngroups``. Unlike Mamba-1 there is no x_proj / dt_proj: B, C and dt come straight from
-the in-projection, and A is one number per head, which is what lets the scan run as matmuls.
+with E = expand * D (``cfg.d_inner``), P = ``head_dim``, H = E / P heads (x is H heads of P),
+N = ``d_state``, G = ``ngroups`` (B, C: G groups of N). Unlike Mamba-1 there is no x_proj /
+dt_proj: B, C and dt come straight from the input, and A is one number per head, which is what
+lets the scan run as matmuls. The in-projection is the paper's one (D, 2E + 2GN + H) matrix
+held as two: the (z, x) part has the inner width E that tensor parallelism splits (by heads),
+the (B, C, dt) part is small and replicated, as B and C are shared by every head of a group.
 
 Init as described in the paper's reference layout: dt_bias the inverse softplus of a log-uniform
 dt in [dt_min, dt_max] (floored at 1e-4), A = U(1, 16) per head (A_log = log A), D = 1, the norm
@@ -22,10 +25,11 @@ The same inference interface as every block family: ``__call__`` (full sequence,
 document ``resets`` / ``segment_ids``), ``init_cache`` / ``prefill`` (right-padded prompts with
 ``lengths``) / ``decode_step``.
 
-Parameter layout (logical axes): in_proj.kernel (D, 2E + 2GN + H) ("embed", "mlp") with output
-columns [z | x | B | C | dt]; conv_kernel (K, E + 2GN) ("conv", "mlp"), conv_kernel[k, f] =
-torch conv1d.weight[f, 0, k]; conv_bias (E + 2GN,) ("mlp",); dt_bias, A_log, D (H,)
-(replicated: tiny); norm_weight (E,) ("norm",); out_proj.kernel (E, D) ("mlp", "embed").
+Parameter layout (logical axes): in_proj.kernel (D, 2E) ("embed", "mlp"), columns [z | x];
+bcdt_proj.kernel (D, 2GN + H) ("embed", None), columns [B | C | dt]; conv_kernel (K, E + 2GN)
+("conv", None) and conv_bias (E + 2GN,) (None,) over the channels [x | B | C], conv_kernel[k, f]
+= torch conv1d.weight[f, 0, k] (tiny: replicated); dt_bias, A_log, D (H,) (replicated);
+norm_weight (E,) ("norm",); out_proj.kernel (E, D) ("mlp", "embed").
 """
 
 from __future__ import annotations
@@ -89,9 +93,10 @@ class Mamba2Block(nnx.Module):
         par = lambda init, names, shape: nnx.Param(logical(init, names)(rngs.params(), shape, pdt))
 
         self.norm = layer_norm(D, cfg.ln_eps, **kw)
-        self.in_proj = linear(D, E + F + H, ("embed", "mlp"), use_bias=False, **kw)
-        self.conv_kernel = par(torch_uniform(K), ("conv", "mlp"), (K, F))  # fan_in K: depthwise
-        self.conv_bias = par(torch_uniform(K), ("mlp",), (F,))
+        self.in_proj = linear(D, 2 * E, ("embed", "mlp"), use_bias=False, **kw)
+        self.bcdt_proj = linear(D, F - E + H, ("embed", None), use_bias=False, **kw)
+        self.conv_kernel = par(torch_uniform(K), ("conv", None), (K, F))  # fan_in K: depthwise
+        self.conv_bias = par(torch_uniform(K), (None,), (F,))
         self.dt_bias = par(_dt_bias_init(cfg), (None,), (H,))
         self.A_log = par(_a_log_init, (None,), (H,))
         self.D = par(nnx.initializers.ones_init(), (None,), (H,))
@@ -109,21 +114,32 @@ class Mamba2Block(nnx.Module):
         """State / decay dtype: float32, or float64 when the compute dtype is float64."""
         return jnp.dtype(jnp.float64 if self._dtype == jnp.float64 else jnp.float32)
 
-    def _split(self, zxbcdt):
-        """in_proj output (..., E + F + H) -> z (..., E), xBC (..., F), dt_in (..., H)."""
+    def _project(self, u):
+        """u (..., D) -> z, x (..., E), BC (..., 2GN), dt_in (..., H)."""
         E, F = self.cfg.d_inner, self.cfg.conv_dim
-        return zxbcdt[..., :E], zxbcdt[..., E : E + F], zxbcdt[..., E + F :]
+        zx, bcdt = self.in_proj(u), self.bcdt_proj(u)
+        return zx[..., :E], zx[..., E:], bcdt[..., : F - E], bcdt[..., F - E :]
 
-    def _ssm_inputs(self, xbc, dt_in):
-        """Conv output (..., F) and dt_in (..., H) -> x (..., H, P), B, C (..., G, N) in the
-        compute dtype, dt (..., H) in the state dtype (the bias added in float32: a bf16 bias
-        near -7 would be off by ~3% in dt)."""
+    def _conv(self, xp, bcp, resets=None):
+        """The conv on x and on (B, C), each with its K-1 history inputs first: xp
+        (B, K-1+T, E), bcp (B, K-1+T, 2GN) -> SiLU(conv) of each, (B, T, E) and (B, T, 2GN).
+        Two convs, not one on [x | B | C]: x is split by tensor parallelism, B and C are not."""
+        E = self.cfg.d_inner
+        w = self.conv_kernel[...].astype(self._dtype)
+        b = self.conv_bias[...].astype(self._dtype)
+        return (jax.nn.silu(causal_conv(xp, w[:, :E], b[:E], resets)),
+                jax.nn.silu(causal_conv(bcp, w[:, E:], b[E:], resets)))
+
+    def _ssm_inputs(self, x, bc, dt_in):
+        """Conv outputs x (..., E), bc (..., 2GN) and dt_in (..., H) -> x (..., H, P), B, C
+        (..., G, N) in the compute dtype, dt (..., H) in the state dtype (the bias added in
+        float32: a bf16 bias near -7 would be off by ~3% in dt)."""
         c = self.cfg
-        E, G, N = c.d_inner, c.ngroups, c.d_state
-        lead = xbc.shape[:-1]
-        x = xbc[..., :E].reshape(*lead, c.n_heads, c.head_dim)
-        Bm = xbc[..., E : E + G * N].reshape(*lead, G, N)
-        Cm = xbc[..., E + G * N :].reshape(*lead, G, N)
+        G, N = c.ngroups, c.d_state
+        lead = x.shape[:-1]
+        x = x.reshape(*lead, c.n_heads, c.head_dim)
+        Bm = bc[..., : G * N].reshape(*lead, G, N)
+        Cm = bc[..., G * N :].reshape(*lead, G, N)
         sdt = self._sdt
         dt = jax.nn.softplus(dt_in.astype(sdt) + self.dt_bias[...].astype(sdt))
         return x, Bm, Cm, dt
@@ -142,26 +158,27 @@ class Mamba2Block(nnx.Module):
         """Mixer over a sequence. u (B, T, D) normed input; conv_state (B, K-1, F) or None
         (zeros); h0 (B, H, P, N) or None; mask (B, T) bool or None (False: pad, the state does
         not advance); resets (B, T) bool or None (True: a document starts, state and conv
-        restart). Returns out (B, T, D), xp (B, K-1+T, F) the conv input with history, and the
-        final state."""
+        restart). Returns out (B, T, D), the conv inputs with history xp (B, K-1+T, E) and
+        bcp (B, K-1+T, 2GN), and the final state."""
         B, T, _ = u.shape
-        K, F = self.cfg.d_conv, self.cfg.conv_dim
+        E, K, F = self.cfg.d_inner, self.cfg.d_conv, self.cfg.conv_dim
         inner = ("batch", "length", "act_mlp")
-        z, xbc, dt_in = self._split(self.in_proj(u))
-        z, xbc = constrain(z, inner), constrain(xbc, inner)
+        z, x, bc, dt_in = self._project(u)
+        z, x = constrain(z, inner), constrain(x, inner)
         if conv_state is None:
-            conv_state = jnp.zeros((B, K - 1, F), xbc.dtype)
-        xp = jnp.concatenate([conv_state.astype(xbc.dtype), xbc], axis=1)
-        w = self.conv_kernel[...].astype(self._dtype)
-        xc = jax.nn.silu(causal_conv(xp, w, self.conv_bias[...].astype(self._dtype), resets))
-        x, Bm, Cm, dt = self._ssm_inputs(xc, dt_in)
+            conv_state = jnp.zeros((B, K - 1, F), x.dtype)
+        conv_state = conv_state.astype(x.dtype)
+        xp = jnp.concatenate([conv_state[..., :E], x], axis=1)
+        bcp = jnp.concatenate([conv_state[..., E:], bc], axis=1)
+        xc, bcc = self._conv(xp, bcp, resets)
+        x, Bm, Cm, dt = self._ssm_inputs(xc, bcc, dt_in)
         if mask is not None:
             dt = jnp.where(mask[..., None], dt, 0.0)  # dt = 0: decay 1, nothing added
         sdt = self._sdt
         A = -jnp.exp(self.A_log[...].astype(sdt))
         y, hT = ssd(x, dt, A, Bm, Cm, self.D[...].astype(sdt), h0, resets=resets,
                     impl=self.cfg.scan_impl, chunk_size=self.cfg.chunk_size)
-        return self._gated_out(y.reshape(B, T, -1), z), xp, hT
+        return self._gated_out(y.reshape(B, T, E), z), xp, bcp, hT
 
     # ------------------------------------------------------------------ public API
 
@@ -179,7 +196,7 @@ class Mamba2Block(nnx.Module):
             from sessa_jax.ops.segments import segment_starts  # the one home of ids -> starts
 
             resets = segment_starts(segment_ids)
-        out, _, _ = self._mix_seq(self.norm(x), None, None, None, resets)
+        out = self._mix_seq(self.norm(x), None, None, None, resets)[0]
         return x + out.astype(x.dtype)
 
     def init_cache(self, batch_size: int, max_len: int) -> Mamba2Cache:
@@ -211,10 +228,11 @@ class Mamba2Block(nnx.Module):
         else:
             lengths = jnp.asarray(lengths, jnp.int32)
             mask = jnp.arange(T)[None, :] < lengths[:, None]
-        out, xp, hT = self._mix_seq(self.norm(x), cache.conv, cache.ssm, mask, None)
+        out, xp, bcp, hT = self._mix_seq(self.norm(x), cache.conv, cache.ssm, mask, None)
         # xp index of token t is t + K - 1: the K - 1 inputs ending at token lengths - 1.
-        idx = lengths[:, None] + jnp.arange(K - 1)[None, :]  # (B, K-1)
-        conv = jnp.take_along_axis(xp, idx[..., None], axis=1)
+        idx = (lengths[:, None] + jnp.arange(K - 1)[None, :])[..., None]  # (B, K-1, 1)
+        conv = jnp.concatenate([jnp.take_along_axis(xp, idx, axis=1),
+                                jnp.take_along_axis(bcp, idx, axis=1)], axis=-1)
         new = Mamba2Cache(conv=conv.astype(cache.conv.dtype), ssm=hT.astype(cache.ssm.dtype),
                           pos=cache.pos + lengths)
         return x + out.astype(x.dtype), new
@@ -227,15 +245,18 @@ class Mamba2Block(nnx.Module):
         ``check`` is accepted for interface uniformity: an SSM state has no length limit.
         """
         del check
-        z, xbc, dt_in = self._split(self.in_proj(self.norm(x_t)[:, 0]))  # (B, E), (B, F), (B, H)
-        xp = jnp.concatenate([cache.conv.astype(xbc.dtype), xbc[:, None]], axis=1)  # (B, K, F)
-        w = self.conv_kernel[...].astype(self._dtype)
-        xc = jax.nn.silu(causal_conv(xp, w, self.conv_bias[...].astype(self._dtype))[:, 0])
-        x, Bm, Cm, dt = self._ssm_inputs(xc, dt_in)
+        E = self.cfg.d_inner
+        z, x, bc, dt_in = self._project(self.norm(x_t)[:, 0])  # (B, E), (B, E), (B, 2GN), (B, H)
+        hist = cache.conv.astype(x.dtype)  # (B, K-1, F)
+        xp = jnp.concatenate([hist[..., :E], x[:, None]], axis=1)  # (B, K, E)
+        bcp = jnp.concatenate([hist[..., E:], bc[:, None]], axis=1)
+        xc, bcc = self._conv(xp, bcp)
+        x, Bm, Cm, dt = self._ssm_inputs(xc[:, 0], bcc[:, 0], dt_in)
         sdt = cache.ssm.dtype
         A = -jnp.exp(self.A_log[...].astype(sdt))
         y, h = ssd_step(x, dt, A, Bm, Cm, self.D[...].astype(sdt), cache.ssm)
         out = self._gated_out(y.reshape(y.shape[0], -1), z)[:, None]
-        new = Mamba2Cache(conv=xp[:, 1:].astype(cache.conv.dtype), ssm=h.astype(cache.ssm.dtype),
+        conv = jnp.concatenate([xp[:, 1:], bcp[:, 1:]], axis=-1)
+        new = Mamba2Cache(conv=conv.astype(cache.conv.dtype), ssm=h.astype(cache.ssm.dtype),
                           pos=cache.pos + 1)
         return x_t + out.astype(x_t.dtype), new

@@ -62,7 +62,8 @@ def mixer_params(cfg: ModelConfig) -> int:
         E, F, H, K = bc.d_inner, bc.conv_dim, bc.n_heads, bc.d_conv
         return (
             ln
-            + _linear(D, E + F + H, bias=False)  # in_proj: z, x, B, C, dt
+            + _linear(D, 2 * E, bias=False)  # in_proj: z, x
+            + _linear(D, F - E + H, bias=False)  # bcdt_proj: B, C, dt
             + K * F + F  # depthwise conv kernel + bias on (x, B, C)
             + 3 * H  # dt_bias, A_log, D
             + E  # gated RMSNorm weight
