@@ -3,7 +3,8 @@ documents gives each document exactly the outputs and gradients of that document
 
 Op level (float64): the chunked feedback solve equals the dense one with ids, blocked attention
 (and splash in interpret mode) equal the masked reference, the SSM scans equal the sequential
-one with resets. Model level (float32, 1e-5): sessa (dense and chunked), transformer, mamba.
+one with resets. Model level (float32, 1e-5): sessa (dense and chunked), transformer, mamba,
+mamba2.
 Step level: a packed text batch's loss is the sum of its documents' losses.
 """
 
@@ -216,6 +217,7 @@ MODELS = {
     "sessa-chunked": dict(family="sessa", feedback_impl="chunked", chunk_size=3, remat="full"),
     "transformer": dict(family="transformer", remat="dots"),
     "mamba": dict(family="mamba", chunk_size=3, remat="full"),
+    "mamba2": dict(family="mamba2", ssd_chunk_size=3, ssd_head_dim=8, remat="full"),
 }
 
 

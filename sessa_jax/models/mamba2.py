@@ -44,6 +44,7 @@ from flax import nnx, struct
 from sessa_jax.models.config import Mamba2Config, to_dtype
 from sessa_jax.models.layers import layer_norm, linear, logical, torch_uniform
 from sessa_jax.models.partitioning import constrain
+from sessa_jax.ops.segments import segment_starts
 from sessa_jax.ops.ssd import causal_conv, ssd, ssd_step
 
 _DT_INIT_FLOOR = 1e-4
@@ -193,8 +194,6 @@ class Mamba2Block(nnx.Module):
         if segment_ids is not None:
             if resets is not None:
                 raise ValueError("Mamba2Block: give segment_ids or resets, not both")
-            from sessa_jax.ops.segments import segment_starts  # the one home of ids -> starts
-
             resets = segment_starts(segment_ids)
         out = self._mix_seq(self.norm(x), None, None, None, resets)[0]
         return x + out.astype(x.dtype)

@@ -628,8 +628,8 @@ _DATA_FREE = ("num_threads", "prefetch", "on_bad_record")
 # names or dtype): a resume, sessa-eval and an export may set them anew. param_dtype and every
 # architecture field are not in this list.
 EXECUTION_FIELDS = ("attention_impl", "feedback_impl", "chunk_size", "feedback_segments",
-                    "feedback_inverse", "feedback_unroll", "scan_impl", "ssm_chunk_size", "remat",
-                    "loss_chunk_size", "dtype")
+                    "feedback_inverse", "feedback_unroll", "scan_impl", "ssm_chunk_size", "ssd_chunk_size",
+                    "ssd_impl", "remat", "loss_chunk_size", "dtype")
 
 
 def check_resume_compatible(saved: TrainConfig, new: TrainConfig) -> list[str]:
