@@ -97,6 +97,7 @@ def _sharding_report() -> dict:
             count = lambda f: sum(f.lower(placed, tokens).as_text().count(k)
                                   for k in ("sdy.sharding_constraint", "@Sharding"))
             n_on, n_off = count(fwd_c), count(fwd)
+            n_manual_c = n_manual(fwd_c, placed, tokens)
         out[fam] = {
             "constrained_diff": float(jnp.max(jnp.abs(got_c - want))),
             "constraints": [n_off, n_on],
@@ -104,6 +105,61 @@ def _sharding_report() -> dict:
             "unnamed_2d": unnamed,
             "max_abs_diff": float(jnp.max(jnp.abs(got - want))),
             "scale": float(jnp.max(jnp.abs(want))),
+            # 4 rows on 2x2x2: the feedback solve cannot spread over tensor (today's path)
+            "manual": n_manual_c,
+        }
+    out["sessa_tp"] = _tensor_parallel_feedback_report()
+    return out
+
+
+def n_manual(jitted, *args) -> int:
+    """shard_map regions in a lowered function (Shardy spells one sdy.manual_computation)."""
+    return jitted.lower(*args).as_text().count("manual_computation")
+
+
+def _tensor_parallel_feedback_report() -> dict:
+    """Sessa with 8 rows, so the feedback solve spreads over tensor (spread_rows), on
+    data=2 x fsdp=2 x tensor=2 and fsdp=2 x tensor=4: constrained vs unconstrained logits and
+    loss gradients. (1x2x4 rather than 2x1x4 after 2x2x2: splash's kernel cache is keyed by
+    the local head count, and a second mesh with the same one trips on the first's mesh.)"""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from sessa_jax.models.partitioning import (
+        DEFAULT_RULES, activation_sharding, row_spread, tree_logical_to_mesh,
+    )
+
+    cfg = ModelConfig(family="sessa", vocab_size=64, d_model=32, n_layers=1, n_heads=4,
+                      n_kv_heads=2, mlp_ratio=0.0, chunk_size=4)
+    tokens = jax.random.randint(jax.random.key(2), (8, 8), 0, 64)
+    graphdef, state = nnx.split(DecoderLM(cfg, rngs=nnx.Rngs(0)))
+
+    def loss(st, x, mesh=None):
+        if mesh is None:
+            logits = nnx.merge(graphdef, st)(x)
+        else:
+            with activation_sharding(mesh, DEFAULT_RULES):
+                logits = nnx.merge(graphdef, st)(x)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+
+    grads, want = jax.jit(jax.grad(loss, has_aux=True))(state, tokens)
+    out = {}
+    for shape in ((2, 2, 2), (1, 2, 4)):
+        mesh = Mesh(np.asarray(jax.devices()).reshape(shape), ("data", "fsdp", "tensor"))
+        specs = tree_logical_to_mesh(nnx.get_partition_spec(state), DEFAULT_RULES)
+        placed = jax.device_put(state, jax.tree.map(
+            lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)))
+        with jax.set_mesh(mesh):
+            fn = jax.jit(jax.grad(lambda st, x: loss(st, x, mesh), has_aux=True))
+            manual = n_manual(fn, placed, tokens)
+            g, got = fn(placed, tokens)
+            with activation_sharding(mesh, DEFAULT_RULES):
+                axes = row_spread(tokens.shape[0])
+        rel = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
+        out["x".join(map(str, shape))] = {
+            "logits_rel": rel(got, want),
+            "grad_rel": max(rel(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(grads))),
+            "manual": manual,
+            "axes": list(axes or []),
         }
     return out
 
@@ -370,6 +426,42 @@ def test_activation_constraints_apply_only_inside_their_context(sharding_report,
     n_off, n_on = r["constraints"]
     assert n_off == 0 and n_on >= 2 * 1 + 2, r["constraints"]  # embed, block, logits (+ inner)
     assert r["constrained_diff"] <= 1e-5 * max(1.0, r["scale"])
+
+
+@pytest.mark.parametrize("mesh", ["2x2x2", "1x2x4"])
+def test_tensor_parallel_feedback_agrees(sharding_report, mesh):
+    """tensor = 2 and 4: with 8 rows the feedback solve runs under shard_map with its rows
+    over every mesh axis (spread_rows), and logits and loss gradients equal the unsharded
+    model's; with 4 rows on 2x2x2 (the family check above) it keeps today's path."""
+    r = sharding_report["sessa_tp"][mesh]
+    assert r["axes"] == (["data", "fsdp", "tensor"] if mesh == "2x2x2" else ["fsdp", "tensor"])
+    assert r["manual"] >= 1, r
+    assert r["logits_rel"] <= 1e-5 and r["grad_rel"] <= 1e-5, r
+    assert sharding_report["sessa"]["manual"] == 0
+
+
+def test_row_spread_dispatch():
+    """Where the feedback solve spreads its rows (no devices needed: an abstract mesh)."""
+    from jax.sharding import AbstractMesh
+
+    from sessa_jax.models.partitioning import DEFAULT_RULES, activation_sharding, row_spread
+
+    def axes(shape, rows, **rules):
+        mesh = AbstractMesh(shape, ("data", "fsdp", "tensor"))
+        with activation_sharding(mesh, {**DEFAULT_RULES, **rules}):
+            return row_spread(rows)
+
+    assert row_spread(8) is None  # no mesh
+    assert axes((2, 2, 2), 8) == ("data", "fsdp", "tensor")
+    assert axes((2, 2, 2), 16) == ("data", "fsdp", "tensor")
+    assert axes((2, 2, 2), 4) is None  # 8 shards do not divide 4 rows: data x fsdp as before
+    assert axes((2, 2, 2), 12) is None
+    assert axes((1, 64, 4), 256) == ("fsdp", "tensor")  # the 7B pod: one row per chip
+    assert axes((1, 1, 4), 4) == ("tensor",)
+    assert axes((1, 1, 4), 2) is None
+    assert axes((2, 2, 1), 8) is None  # no tensor axis: nothing beyond the batch's axes
+    assert axes((2, 2, 2), 8, fb_rows=["data", "fsdp"]) is None  # opted out by rule
+    assert axes((2, 2, 2), 8, fb_rows=None) is None
 
 
 def test_constrain_checks_rank():

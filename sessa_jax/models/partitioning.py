@@ -20,6 +20,9 @@ all-gathered the batch and built the (B, H, T, T) attention logits for the *glob
   act_embed  residual-stream width (replicated: FSDP gathers weights, not activations)
   act_heads  attention heads      act_mlp  inner widths (Mamba's E; Sessa keeps widths whole)
   act_vocab  logits' vocabulary
+  fb_rows    rows of Sessa's feedback solve, which runs under ``shard_map`` (:func:`spread_rows`):
+             by default over ('data', 'fsdp', 'tensor'), so tensor ranks solve different rows
+             instead of all solving the same full-width system
 Constraints only apply inside ``activation_sharding(mesh, rules)``; with no mesh set the models
 are plain single-device code.
 """
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from typing import Mapping, Optional, Sequence, Union
 
 import jax
@@ -54,6 +58,7 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "act_heads": "tensor",
     "act_mlp": "tensor",
     "act_vocab": "tensor",
+    "fb_rows": ("data", "fsdp", "tensor"),
 }
 
 # (mesh, rules) while a sharded step is being traced; None elsewhere.
@@ -120,3 +125,55 @@ def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
     if len(names) != x.ndim:
         raise ValueError(f"constrain: {len(names)} names {tuple(names)} for shape {x.shape}")
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_mesh(names, rules)))
+
+
+def _axes(axes: MeshAxes) -> tuple[str, ...]:
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def row_spread(n_rows: int, name: str = "fb_rows") -> Optional[tuple[str, ...]]:
+    """The mesh axes that :func:`spread_rows` splits ``n_rows`` rows over, or None when it
+    would run the computation as plain code (today's path).
+
+    The axes of ``rules[name]`` (mesh axes of size 1 and ones the mesh lacks left out), less
+    trailing axes until their product divides ``n_rows``. None outside
+    :func:`activation_sharding`, and when that leaves nothing beyond the 'batch' rule's axes:
+    then the rows are split as the activations already are and the axes outside 'batch'
+    (tensor) repeat the computation, as before this existed (e.g. 4 rows on data=2 x fsdp=2 x
+    tensor=2: 8 row shards do not divide 4).
+    """
+    active = _ACTIVE.get()
+    if active is None:
+        return None
+    mesh, rules = active
+    axes = [a for a in _axes(rules.get(name)) if mesh.shape.get(a, 1) > 1]
+    while axes and n_rows % math.prod(mesh.shape[a] for a in axes):
+        axes.pop()
+    batch = {a for a in _axes(rules.get("batch")) if mesh.shape.get(a, 1) > 1}
+    return tuple(axes) if set(axes) - batch else None
+
+
+def spread_rows(fn, *arrays, name: str = "fb_rows"):
+    """``fn(*arrays)`` for a computation whose rows (leading axis) are independent, with the
+    rows split over the mesh axes of ``rules[name]`` (:func:`row_spread`) under
+    ``jax.shard_map``: each device runs ``fn`` on its own rows only.
+
+    This is how Sessa's feedback solve uses the tensor axis: its rows are sequential in T but
+    independent across the batch, and its width is contracted in the routing scores, so the
+    batch is what can be split further. The inputs are resharded to rows (an all-to-all from
+    width-split projections, a slice from replicated values) and the outputs come back split
+    over those axes; the caller constrains them back. With explicit in/out specs XLA's SPMD
+    partitioner never sees a width-split activation here (scripts/repro_spmd_feedback.py: on
+    jax 0.10.2 it misplaced rows for one such pattern). Plain ``fn(*arrays)`` where
+    :func:`row_spread` gives None.
+    """
+    axes = row_spread(arrays[0].shape[0], name)
+    if axes is None:
+        return fn(*arrays)
+    mesh, _ = _ACTIVE.get()
+    spec = P(axes[0] if len(axes) == 1 else axes)
+    arrays = [jax.lax.with_sharding_constraint(a, NamedSharding(mesh, spec)) for a in arrays]
+    # check_vma=False: the solve's scans start from fresh zero carries, which the varying-axes
+    # check would have to be told about; every input and output is split the same way anyway.
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(arrays), out_specs=spec,
+                         check_vma=False)(*arrays)

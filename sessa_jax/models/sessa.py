@@ -10,6 +10,7 @@ s = (I - diag(gamma) alpha)^{-1} f, solved by :func:`sessa_jax.ops.feedback.feed
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -19,16 +20,18 @@ from flax import nnx, struct
 from sessa_jax.models.attention import CausalSelfAttention, check_capacity, write_rows
 from sessa_jax.models.config import SessaConfig, to_dtype
 from sessa_jax.models.layers import layer_norm, linear, logical, rms_norm
-from sessa_jax.models.partitioning import constrain
+from sessa_jax.models.partitioning import constrain, row_spread, spread_rows
 from sessa_jax.ops.feedback import feedback_decode_step, feedback_solve
 
 
-# Sessa's activations are split by rows only, never by width. The routing scores contract over
-# all of D (q_b, k_b whole per row). The solve is column-wise in f, so f, a and g could in
-# principle keep a tensor-split width, but with that constraint XLA's SPMD partitioner
-# (jax 0.10.2, CPU, mesh 2x2x2) returned wrong layer outputs (|err| ~0.1, while every
-# intermediate matched when returned alone), so they stay whole until that is understood;
-# tests/test_models.py checks constrained == unconstrained logits on that mesh.
+# Sessa's activations are split by rows only, never by width: the routing scores contract over
+# all of D. A tensor-split f (the forward branch's out_proj output) made XLA's SPMD partitioner
+# misplace rows (jax 0.10.2, CPU, data=fsdp=tensor=2; scripts/repro_spmd_feedback.py reduces
+# it to two matmuls and a constraint; the solve is not involved). The feedback solve uses the
+# tensor axis by rows instead: spread_rows runs it under shard_map with the batch split over
+# the 'fb_rows' axes (data, fsdp AND tensor) where the batch divides (else today's path, every
+# tensor rank solving its (data, fsdp) rows); tests/test_models.py checks constrained ==
+# unconstrained logits and gradients for tensor = 2 and 4.
 _ROWS = ("batch", "length", None)
 
 
@@ -77,8 +80,10 @@ class SessaMixer(CausalSelfAttention):
             self.fb_q_norm = rms_norm(D, cfg.ln_eps, **nkw)
             self.fb_k_norm = rms_norm(D, cfg.ln_eps, **nkw)
 
-    def _feedback_inputs(self, a):
+    def _feedback_inputs(self, a, pin: bool = True):
         """a (B, T, D) -> q_b, k_b (B, T, D) in the compute dtype, gamma (B, T) float32.
+
+        ``pin`` constrains them to whole-width rows; without it spread_rows places them.
 
         gamma is computed in float32 (float64 for float64 inputs) whatever the compute dtype:
         bfloat16 has no value between 0.99609375 and 1, so gamma_max = 0.999 would round to 1
@@ -91,6 +96,8 @@ class SessaMixer(CausalSelfAttention):
         w = self.gamma_ctx.kernel[...].astype(acc)[:, 0]  # (D,)
         z = self.gamma_bias[...].astype(acc) + jnp.einsum("btd,d->bt", a.astype(acc), w)
         gamma = jnp.asarray(self.cfg.gamma_max, acc) * jnp.tanh(z)
+        if not pin:
+            return q_b, k_b, gamma
         return constrain(q_b, _ROWS), constrain(k_b, _ROWS), constrain(gamma, _ROWS[:2])
 
     def __call__(self, a, *, segment_ids=None, return_state: bool = False):
@@ -100,14 +107,25 @@ class SessaMixer(CausalSelfAttention):
         system is block diagonal; RoPE restarts per segment).
         """
         f, (k, v) = self.attend(a, segment_ids=segment_ids, return_kv=True)
-        f = constrain(f, _ROWS)
-        q_b, k_b, gamma = self._feedback_inputs(a)
+        # Solve rows spread over the tensor axis too (one dispatch point: row_spread); the
+        # inputs then go to spread_rows unpinned, so width-split projections reach the solve's
+        # row shards by an all-to-all rather than an all-gather of the full width.
+        spread = row_spread(a.shape[0]) is not None
+        f = f if spread else constrain(f, _ROWS)
+        q_b, k_b, gamma = self._feedback_inputs(a, pin=not spread)
         cfg = self.cfg
-        s = feedback_solve(
-            q_b, k_b, gamma, f, impl=cfg.feedback_impl, chunk_size=cfg.chunk_size,
+        solve = functools.partial(
+            feedback_solve, impl=cfg.feedback_impl, chunk_size=cfg.chunk_size,
             segments=cfg.feedback_segments, inverse=cfg.feedback_inverse,
-            unroll=cfg.feedback_unroll, segment_ids=segment_ids,
-        )  # s in the compute dtype; the solve's statistics and carries are float32
+            unroll=cfg.feedback_unroll,
+        )
+        # s in the compute dtype; the solve's statistics and carries are float32
+        if segment_ids is None:
+            s = spread_rows(solve, q_b, k_b, gamma, f)
+        else:  # the ids are per row too: they travel with their rows
+            s = spread_rows(lambda q, k, g, f, seg: solve(q, k, g, f, segment_ids=seg),
+                            q_b, k_b, gamma, f, segment_ids)
+        s = constrain(s, _ROWS) if spread else s
         return (s, (k, v, k_b)) if return_state else s
 
     def decode_step(self, a_t, cache: SessaCache):
