@@ -133,23 +133,29 @@ def _tensor_parallel_feedback_report() -> dict:
     tokens = jax.random.randint(jax.random.key(2), (8, 8), 0, 64)
     graphdef, state = nnx.split(DecoderLM(cfg, rngs=nnx.Rngs(0)))
 
-    def loss(st, x, mesh=None):
+    # 1x2x4 runs packed rows (two documents each): the ids travel with their rows too
+    seg = jnp.asarray([[1] * 3 + [2] * 5] * 8, jnp.int32)
+
+    def loss(st, x, mesh=None, seg=None):
         if mesh is None:
-            logits = nnx.merge(graphdef, st)(x)
+            logits = nnx.merge(graphdef, st)(x, segment_ids=seg)
         else:
             with activation_sharding(mesh, DEFAULT_RULES):
-                logits = nnx.merge(graphdef, st)(x)
+                logits = nnx.merge(graphdef, st)(x, segment_ids=seg)
         return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
 
-    grads, want = jax.jit(jax.grad(loss, has_aux=True))(state, tokens)
+    ref = {None: jax.jit(jax.grad(loss, has_aux=True))(state, tokens),
+           "seg": jax.jit(jax.grad(lambda st, x: loss(st, x, seg=seg), has_aux=True))(state, tokens)}
     out = {}
-    for shape in ((2, 2, 2), (1, 2, 4)):
+    for shape, ids in (((2, 2, 2), None), ((1, 2, 4), "seg")):
+        grads, want = ref[ids]
+        s_ids = seg if ids else None
         mesh = Mesh(np.asarray(jax.devices()).reshape(shape), ("data", "fsdp", "tensor"))
         specs = tree_logical_to_mesh(nnx.get_partition_spec(state), DEFAULT_RULES)
         placed = jax.device_put(state, jax.tree.map(
             lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)))
         with jax.set_mesh(mesh):
-            fn = jax.jit(jax.grad(lambda st, x: loss(st, x, mesh), has_aux=True))
+            fn = jax.jit(jax.grad(lambda st, x: loss(st, x, mesh, s_ids), has_aux=True))
             manual = n_manual(fn, placed, tokens)
             g, got = fn(placed, tokens)
             with activation_sharding(mesh, DEFAULT_RULES):
