@@ -2,7 +2,8 @@
 
 - init: the scanned parameters are the unscanned ones stacked, bit for bit (same seed);
 - logits and gradients agree (float32, 1e-6) for every family, with and without MLP blocks,
-  remat none and full (four configs covering those); the parameter count and the weight-decay mask are unchanged;
+  remat none and full (four configs covering those); the parameter count and the weight-decay
+  mask are unchanged;
 - logical specs carry the 'layers' axis first;
 - a checkpoint saved scanned restores unscanned (state and params-only) and vice versa, a
   resume across layouts is accepted, exports are per layer whatever the flag;

@@ -9,9 +9,9 @@ generation is family-agnostic (see :mod:`sessa_jax.generate`).
 
 ``scan_layers``: the blocks are one Block whose parameters carry a leading ``layers`` axis
 (built by ``nnx.vmap``), run by one scan (with ``nnx.remat`` inside, see
-:meth:`DecoderLM.scan_blocks`): the step's HLO holds one block body instead of n_layers copies. Initialised to the same numbers as the unscanned
-model (see :func:`_stacked_blocks`); :mod:`sessa_jax.models.layout` converts between the two
-parameter layouts. Caches of a scanned model are one cache pytree stacked on a leading layers
+:meth:`DecoderLM.scan_blocks`): the step's HLO holds one block body instead of n_layers
+copies. Initialised to the same numbers as the unscanned model (see :func:`_stacked_blocks`);
+:mod:`sessa_jax.models.layout` converts between the two parameter layouts. Caches of a scanned model are one cache pytree stacked on a leading layers
 axis, and prefill/decode_step scan over it; unscanned, a list with one cache per block.
 """
 

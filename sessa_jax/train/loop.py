@@ -435,7 +435,7 @@ def _print_summary(s: dict, cfg: TrainConfig) -> None:
 # What sessa-eval may change: data (e.g. another seq_len), batch/eval size, mesh, execution.
 _EVAL_OVERRIDABLE = ("data.", "mesh.", "run.global_batch_size", "run.eval_batches",
                      "run.compute_dtype", "model.dtype", "model.feedback_impl",
-                     "model.chunk_size", "model.scan_impl", "model.remat")
+                     "model.chunk_size", "model.scan_impl", "model.remat", "model.scan_layers")
 
 
 def evaluate_checkpoint(run_dir: str, step: Optional[int] = None,
