@@ -2,7 +2,7 @@
 
 - init: the scanned parameters are the unscanned ones stacked, bit for bit (same seed);
 - logits and gradients agree (float32, 1e-6) for every family, with and without MLP blocks,
-  remat none and full (four configs covering those); the parameter count and the weight-decay
+  remat none and full (three configs covering those); the parameter count and the weight-decay
   mask are unchanged;
 - logical specs carry the 'layers' axis first;
 - a checkpoint saved scanned restores unscanned (state and params-only) and vice versa, a
@@ -23,8 +23,9 @@ from sessa_jax.models.config import ModelConfig
 from sessa_jax.models.layout import is_scanned, stack_layers, to_layout, unstack_layers
 from sessa_jax.models.lm import DecoderLM, count_params
 
+# the layers' inner implementations are beside the point here: the cheapest to compile
 TINY = dict(vocab_size=32, d_model=16, n_layers=2, n_heads=2, chunk_size=4,
-            feedback_impl="dense", tie_embeddings=False)
+            feedback_impl="dense", scan_impl="sequential", tie_embeddings=False)
 
 
 def pair(**kw):
@@ -61,8 +62,7 @@ def loss_and_grads(model, tokens):
 
 # Every family, MLP blocks on and off, remat none and full (not the whole grid: compile time).
 @pytest.mark.parametrize("family,mlp_ratio,remat", [
-    ("sessa", 0.0, "none"), ("sessa", 2.0, "full"),
-    ("transformer", 2.0, "none"), ("mamba", 0.0, "full"),
+    ("sessa", 2.0, "full"), ("transformer", 0.0, "none"), ("mamba", 0.0, "full"),
 ])
 def test_same_init_logits_and_gradients(family, mlp_ratio, remat):
     flat, scan = pair(family=family, mlp_ratio=mlp_ratio, remat=remat)
