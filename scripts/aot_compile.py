@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     batch = abstract_batch(cfg, bsh)  # with segment_ids for text, as the data pipeline gives
     lowered = step_fn.lower(state, batch)
     t1 = time.time()
+    c1 = time.process_time()  # CPU seconds: less sensitive than wall time to a busy host
     try:
         compiled = lowered.compile()
     except Exception as e:
@@ -159,6 +160,9 @@ def main(argv=None) -> int:
             return does_not_fit(max(temps + state_bytes / len(devices), hbm * 1.0001), hbm)
         raise
     t2 = time.time()
+    cpu = time.process_time() - c1
+    # Program size: the StableHLO handed to XLA, and the optimized HLO it compiled.
+    hlo = {"lowered_chars": len(lowered.as_text()), "compiled_chars": len(compiled.as_text())}
 
     ma = compiled.memory_analysis()
     arg = ma.argument_size_in_bytes
@@ -174,7 +178,9 @@ def main(argv=None) -> int:
     tokens = G * T
     analytic = flops_per_token(cfg.model, T, n_params)
 
-    print(f"compiled in {t2 - t1:.1f}s (lowered in {t1 - t0:.1f}s)")
+    print(f"compiled in {t2 - t1:.1f}s, {cpu:.1f} CPU s (lowered in {t1 - t0:.1f}s); "
+          f"StableHLO {hlo['lowered_chars'] / 1e6:.2f}M chars, compiled HLO "
+          f"{hlo['compiled_chars'] / 1e6:.2f}M chars; scan_layers={cfg.model.scan_layers}")
     print("per-chip memory:")
     print(f"  arguments  {_fmt_gib(arg):>12}   (state + batch shards)")
     print(f"  outputs    {_fmt_gib(out):>12}   ({_fmt_gib(alias)} aliased to donated arguments)")
@@ -208,7 +214,9 @@ def main(argv=None) -> int:
             "analytic_flops_per_token": analytic,
             "tokens_per_sec_at_40_60_mfu": [0.4 * peak * len(devices) / analytic,
                                             0.6 * peak * len(devices) / analytic],
-            "compile_sec": t2 - t1, "jax": _jax.__version__, "jaxlib": jaxlib.__version__,
+            "compile_sec": t2 - t1, "compile_cpu_sec": cpu, "lower_sec": t1 - t0,
+            "scan_layers": cfg.model.scan_layers, "hlo": hlo,
+            "jax": _jax.__version__, "jaxlib": jaxlib.__version__,
         }
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -11,7 +11,8 @@ ignored (left-padded input is not supported: causal blocks would read the pads a
 One jitted function runs the prefill of the whole batch, samples each row's first new token
 from the logits at its own last real position (``lengths - 1``), then a ``lax.while_loop`` of
 single-token decode steps over fixed-size caches, each row at its own position (the caches
-keep a per-row ``pos``). A row that emits ``eos_id`` is done: it emits ``pad_id`` from then on,
+keep a per-row ``pos``; a ``scan_layers`` model keeps one cache stacked over its layers and
+scans them each step). A row that emits ``eos_id`` is done: it emits ``pad_id`` from then on,
 and the loop exits early once every row is done. The function is compiled once per (model
 structure, batch shape, max_new_tokens, cache size, sampling settings); token values, lengths,
 rng, eos_id and pad_id are traced, so new prompts of the same shape reuse it.

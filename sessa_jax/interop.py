@@ -142,8 +142,10 @@ def model_to_reference(model) -> dict[str, np.ndarray]:
     from sessa_jax.export.core import flatten_params
     from sessa_jax.export.hf_names import rename
 
-    flat = {k: np.asarray(jax.device_get(v))
-            for k, v in flatten_params(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+    from sessa_jax.models.layout import unstack_layers
+
+    params = unstack_layers(nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # per-layer names
+    flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten_params(params).items()}
     return rename(flat, _model_entries(model.cfg), to_hf=True)
 
 
@@ -156,16 +158,19 @@ def model_from_reference(state: Mapping[str, np.ndarray], config):
     from sessa_jax.export.hf_names import check_state, rename
     from sessa_jax.models.lm import DecoderLM
 
+    from sessa_jax.models.layout import stack_layers, unstack_layers
+
     entries = _model_entries(config)
     model = DecoderLM(config, rngs=nnx.Rngs(0))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = unstack_layers(nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # per-layer names
     want = {k: tuple(v.shape) for k, v in flatten_params(params).items()}
     check_state({k: np.shape(v) for k, v in state.items()}, entries, want,
                 f"reference state for {config!r}")
     flat = rename(state, entries, to_hf=False)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     new = [jnp.asarray(flat[k], dtype=leaf.dtype) for k, leaf in zip(want, leaves)]
-    nnx.update(model, jax.tree_util.tree_unflatten(treedef, new))
+    new = jax.tree_util.tree_unflatten(treedef, new)
+    nnx.update(model, stack_layers(new) if config.scan_layers else new)
     return model
 
 

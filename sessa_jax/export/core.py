@@ -139,12 +139,15 @@ def export_params(params, model_cfg, out_dir: str, *, dtype: str = "fp32",
 
     from sessa_jax.train.config import to_dict
 
+    from sessa_jax.models.layout import unstack_layers
+
     if dtype not in _DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected bf16 or fp32")
     np_dtype = np.dtype(jax.numpy.dtype(_DTYPES[dtype]))
     limit = parse_size(max_shard_size)
     tensors = {}
-    for name, arr in flatten_params(params).items():
+    # Per-layer names (blocks.0...) whatever model.scan_layers was: the files do not depend on it.
+    for name, arr in flatten_params(unstack_layers(params)).items():
         a = np.asarray(jax.device_get(arr))
         check_finite(name, a, "export")
         if np.issubdtype(a.dtype, np.floating) or a.dtype == np_dtype:
@@ -172,7 +175,7 @@ def export_params(params, model_cfg, out_dir: str, *, dtype: str = "fp32",
                         "weight_map": weight_map}, indent=1, sort_keys=True), encoding="utf-8")
         make_readable(out / INDEX_NAME)
 
-    model_dict = to_dict(model_cfg)
+    model_dict = to_dict(dataclasses.replace(model_cfg, scan_layers=False))
     if _DTYPES[dtype] != "float32":  # the loaded model holds the parameters in this dtype
         model_dict["param_dtype"] = _DTYPES[dtype]
     config = {"format": FORMAT, "model": model_dict, "export_dtype": _DTYPES[dtype],
@@ -258,6 +261,8 @@ def load_pretrained(path: str, mesh=None, rules: Optional[Mapping] = None):
     Raises ExportError naming every missing, unexpected or misshaped tensor, a file whose
     sha256 differs from config.json's, or a tensor holding NaN/inf.
     """
+    import dataclasses
+
     from safetensors import safe_open
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -273,7 +278,9 @@ def load_pretrained(path: str, mesh=None, rules: Optional[Mapping] = None):
             raise ExportError(f"{fpath}: sha256 does not match config.json (the file is damaged "
                               "or was changed after export); export it again")
     files = _tensor_files(path)
-    model_def, abstract, logical = abstract_model(model_cfg)
+    # The files hold per-layer tensors; a config asking for scan_layers gets them stacked.
+    model_def, abstract, logical = abstract_model(dataclasses.replace(model_cfg,
+                                                                      scan_layers=False))
     want = flatten_params(abstract)
 
     shapes = {}
@@ -318,4 +325,9 @@ def load_pretrained(path: str, mesh=None, rules: Optional[Mapping] = None):
                              else jax.numpy.asarray(a))
     leaves, treedef = jax.tree_util.tree_flatten(abstract)
     params = jax.tree_util.tree_unflatten(treedef, [loaded[k] for k in want])
+    if model_cfg.scan_layers:
+        from sessa_jax.models.layout import stack_layers
+
+        model_def, _, _ = abstract_model(model_cfg)
+        params = stack_layers(params)  # (placement: the layers axis is never sharded)
     return model_def(params)

@@ -108,7 +108,7 @@ def hf_config(cfg: ModelConfig, *, dtype: str = "float32", tokenizer: Optional[d
     tok = tokenizer or {}
     for name in ("pad", "bos", "eos"):
         conf[f"{name}_token_id"] = tok.get(f"{name}_id")
-    model = to_dict(cfg)
+    model = to_dict(dataclasses.replace(cfg, scan_layers=False))  # the files are per layer
     if dtype != "float32":
         model["param_dtype"] = dtype
     conf["sessa_jax"] = {"format": HF_FORMAT, "model": model, **(extra or {})}
@@ -235,7 +235,10 @@ def export_hf(params, cfg: ModelConfig, out_dir: str, *, dtype: str = "fp32",
         raise ExportError(f"--dtype {dtype!r}: expected bf16 or fp32")
     np_dtype = np.dtype(jax.numpy.dtype(_DTYPES[dtype]))
     limit = parse_size(max_shard_size)
-    flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten_params(params).items()}
+    from sessa_jax.models.layout import unstack_layers
+
+    flat = {k: np.asarray(jax.device_get(v))
+            for k, v in flatten_params(unstack_layers(params)).items()}  # per-layer names
     entries = hf_entries(cfg)
     names = {e.jax for e in entries}
     if set(flat) != names:  # a model/config mismatch is a bug here, not a user error
@@ -363,9 +366,11 @@ def read_hf(path: str) -> tuple[ModelConfig, dict, dict]:
 
     from sessa_jax.train.state import abstract_model
 
+    from sessa_jax.models.layout import to_layout
+
     cfg, raw = read_hf_config(path)
     state = _read_tensors(path)
-    _, abstract, _ = abstract_model(cfg)
+    _, abstract, _ = abstract_model(dataclasses.replace(cfg, scan_layers=False))  # per layer
     want = {k: (tuple(v.shape), v.dtype) for k, v in flatten_params(abstract).items()}
     entries = hf_entries(cfg)
     extra = ()
@@ -387,4 +392,4 @@ def read_hf(path: str) -> tuple[ModelConfig, dict, dict]:
     names = list(flatten_params(abstract))  # same order as the leaves
     params = jax.tree_util.tree_unflatten(
         treedef, [flat[k].astype(want[k][1]) for k in names])
-    return cfg, params, raw
+    return cfg, to_layout(params, cfg.scan_layers), raw

@@ -55,6 +55,7 @@ def import_hf(hf_dir: str, run_dir: str, *, config: Optional[str] = None,
     import numpy as np
 
     from sessa_jax.export.hf import read_hf
+    from sessa_jax.models.layout import to_layout
     from sessa_jax.train.checkpoint import Checkpointer, checkpoint_dir
     from sessa_jax.train.config import (
         MeshConfig, apply_overrides, from_dict, read_yaml, replace, save_config, to_dict,
@@ -85,6 +86,7 @@ def import_hf(hf_dir: str, run_dir: str, *, config: Optional[str] = None,
     one = MeshConfig(data=1, fsdp=1, tensor=1, rules=cfg.mesh.rules)
     mesh = make_mesh(one, devices=jax.devices()[:1])
     setup = make_setup(replace(cfg, mesh=one), mesh)
+    params = to_layout(params, cfg.model.scan_layers)  # e.g. model.scan_layers=true override
     _check_same_shapes(params, setup.abstract.params, hf_dir)
     params = jax.tree.map(lambda a, s: np.asarray(a).astype(s.dtype), params,
                           setup.abstract.params)

@@ -323,6 +323,10 @@ class ModelConfig:
     # "save_feedback": recompute each block in the backward pass except the feedback solve,
     # whose named residuals (s, ctx, lse, block inverses) are kept.
     remat: Remat = "none"
+    # Build the blocks as one stack (parameters with a leading 'layers' axis) and run them with
+    # nnx.scan: one block body in the HLO instead of n_layers copies (pod compiles). Same
+    # numbers as unscanned; checkpoints convert between the layouts, exports are per layer.
+    scan_layers: bool = False
     # Positions per chunk of the training cross-entropy (0: the whole sequence at once). With
     # a chunk, (B, T, V) float32 logits never exist: each chunk's are made, reduced and
     # recomputed in the backward pass (one extra LM-head product, B*T*V*4 bytes less).
@@ -341,6 +345,8 @@ class ModelConfig:
             raise ValueError(f"mlp_ratio={self.mlp_ratio!r}: expected a number >= 0")
         if not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise ValueError(f"num_classes={self.num_classes!r}: expected an integer >= 0")
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"scan_layers={self.scan_layers!r}: expected true or false")
         if self.remat not in _REMATS:
             raise ValueError(f"remat={self.remat!r}: expected one of {', '.join(_REMATS)}")
         if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 0:

@@ -7,6 +7,13 @@
 "mamba2" (Mamba2Block).
 Every block has the same inference interface (init_cache / prefill / decode_step), so
 generation is family-agnostic (see :mod:`sessa_jax.generate`).
+
+``scan_layers``: the blocks are one Block whose parameters carry a leading ``layers`` axis
+(built by ``nnx.vmap``), run by one scan (with ``nnx.remat`` inside, see
+:meth:`DecoderLM.scan_blocks`): the step's HLO holds one block body instead of n_layers
+copies. Initialised to the same numbers as the unscanned model (see :func:`_stacked_blocks`);
+:mod:`sessa_jax.models.layout` converts between the two parameter layouts. Caches of a scanned model are one cache pytree stacked on a leading layers
+axis, and prefill/decode_step scan over it; unscanned, a list with one cache per block.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sessa_jax.models.attention import AttentionBlock
@@ -38,6 +46,10 @@ _REMAT_POLICIES = {
     # and recompute the rest of the block: the backward pass never re-runs the solve.
     "save_feedback": jax.checkpoint_policies.save_only_these_names(*FEEDBACK_RESIDUALS),
 }
+
+# The stacked axis of scanned blocks: nnx.vmap at creation puts its logical name first in every
+# parameter's spec (rule 'layers' in partitioning.DEFAULT_RULES).
+_LAYERS = {nnx.PARTITION_NAME: "layers"}
 
 
 class MLPBlock(nnx.Module):
@@ -101,7 +113,10 @@ class DecoderLM(nnx.Module):
             embedding_init=logical(nnx.initializers.normal(0.02), ("vocab", "embed")),
             rngs=rngs,
         )
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        if cfg.scan_layers:
+            self.blocks = _stacked_blocks(cfg, rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         self.ln_f = layer_norm(D, cfg.ln_eps, **kw)
         self.lm_head = (
@@ -115,14 +130,46 @@ class DecoderLM(nnx.Module):
         """tokens (B, T) int, segment_ids (B, T) int or None -> final hidden states (B, T, D),
         after the final LayerNorm."""
         x = constrain(self.embed(tokens), _RESIDUAL)
-        policy = _REMAT_POLICIES.get(self.cfg.remat, "none")
+        side = () if segment_ids is None else (segment_ids,)
+        return self.ln_f(self.blocks_forward(x, *side))
+
+    def blocks_forward(self, x, *side):
+        """x (B, T, D) embedded -> (B, T, D) after every block (before the final LayerNorm).
+
+        ``side``: per-token arrays every block reads as extra positional arguments (e.g.
+        segment ids (B, T)); a scanned model broadcasts them to each layer, they are not
+        scanned over. ``cfg.remat`` wraps each block (``nnx.remat``, inside the scan body).
+        """
+        def step(block, h, *s):
+            return constrain(block(h, *s), _RESIDUAL)
+
+        if self.cfg.remat != "none":
+            step = nnx.remat(step, policy=_REMAT_POLICIES[self.cfg.remat])
+        if self.cfg.scan_layers:
+            x, _ = self.scan_blocks(lambda b, h, _: (step(b, h, *side), None), x)
+            return x
         for block in self.blocks:
-            if self.cfg.remat == "none":
-                x = block(x, segment_ids)
-            else:
-                x = nnx.remat(lambda b, h, s: b(h, s), policy=policy)(block, x, segment_ids)
-            x = constrain(x, _RESIDUAL)
-        return self.ln_f(x)
+            x = step(block, x, *side)
+        return x
+
+    def scan_blocks(self, fn, carry, xs=None):
+        """The stacked blocks of a scanned model as one loop: fn(block, carry, x) ->
+        (carry, y) for each layer in order -> (carry, ys).
+
+        xs / ys: pytrees with a leading (n_layers,) axis (e.g. caches) or None. A ``lax.scan``
+        over the blocks' state, split here and merged into a Block inside the body, rather than
+        ``nnx.scan``: that refuses a module built at another trace level (generation's
+        while_loop holds the model), and flax 0.12 hands a scalar parameter back with its
+        'layers' name dropped. Blocks hold only parameters, so nothing is lost by not writing
+        state back. Arrays fn closes over (side inputs) reach every layer unscanned.
+        """
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(c, layer):
+            st, x = layer
+            return fn(nnx.merge(graphdef, st), c, x)
+
+        return jax.lax.scan(body, carry, (state, xs))
 
     def _head(self):
         """The LM head as (weight in the compute dtype, einsum spec): (D, V) or tied (V, D)."""
@@ -203,9 +250,25 @@ class DecoderLM(nnx.Module):
 
     # -- cached inference ----------------------------------------------------------------
 
-    def init_cache(self, batch_size: int, max_len: int) -> list[Any]:
-        """One cache per block; all fixed-size, so decode loops compile once."""
+    def init_cache(self, batch_size: int, max_len: int) -> Any:
+        """Fixed-size caches (decode loops compile once): a list with one cache per block, or
+        for a scanned model one cache pytree whose leaves have a leading (n_layers,) axis."""
+        if self.cfg.scan_layers:
+            graphdef, state = nnx.split(self.blocks)
+            return jax.vmap(lambda st: nnx.merge(graphdef, st).init_cache(batch_size, max_len))(
+                state)
         return [b.init_cache(batch_size, max_len) for b in self.blocks]
+
+    def _cached(self, fn, x, cache):
+        """x through every block with its cache: fn(block, x, cache) -> (x, cache).
+        Scanned: one scan over (blocks, stacked cache), x the carry."""
+        if self.cfg.scan_layers:
+            return self.scan_blocks(fn, x, cache)
+        new = []
+        for block, c in zip(self.blocks, cache):
+            x, c = fn(block, x, c)
+            new.append(c)
+        return x, new
 
     def prefill(self, tokens, cache, lengths: Optional[jax.Array] = None, *,
                 last_only: bool = False):
@@ -215,10 +278,7 @@ class DecoderLM(nnx.Module):
         (``lengths - 1``) only, so the LM head runs on B positions instead of B*T.
         """
         x = self.embed(tokens)
-        new = []
-        for block, c in zip(self.blocks, cache):
-            x, c = block.prefill(x, c, lengths)
-            new.append(c)
+        x, new = self._cached(lambda b, h, c: b.prefill(h, c, lengths), x, cache)
         if last_only:
             B, T = tokens.shape
             idx = jnp.full((B,), T - 1, jnp.int32) if lengths is None else lengths - 1
@@ -231,11 +291,58 @@ class DecoderLM(nnx.Module):
         ``check=False`` skips the per-step cache overflow check (a host callback under jit).
         """
         x = self.embed(token[:, None])
-        new = []
-        for block, c in zip(self.blocks, cache):
-            x, c = block.decode_step(x, c, check=check)
-            new.append(c)
+        x, new = self._cached(lambda b, h, c: b.decode_step(h, c, check=check), x, cache)
         return self.logits(self.ln_f(x))[:, 0], new
+
+
+def _draws_per_block(cfg: ModelConfig) -> int:
+    """How many keys one Block's constructor draws from its rng stream.
+
+    Counted on an abstract build (no parameter is allocated): the stream's count is a NumPy
+    array, so its increments stay concrete under ``jax.eval_shape``'s tracing.
+    """
+    seen = []
+
+    def build():
+        r = nnx.Rngs(0)
+        r.default.count.set_value(np.zeros((), np.uint32))
+        Block(cfg, rngs=r)
+        seen.append(int(np.asarray(r.default.count.get_value())))
+
+    jax.eval_shape(build)
+    return seen[0]
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """n_layers Blocks as one Block whose parameters have a leading (n_layers,) 'layers' axis.
+
+    The unscanned model builds its blocks one after another from one stream: block i draws
+    keys fold_in(key, c0 + i*k + j), j < k (k keys a block). ``nnx.vmap`` gives layer i a
+    stream with the same key, counting from c0 + i*k, so both layouts initialise to the same
+    numbers; the stream then moves past all n*k draws, as the loop leaves it, for the layers
+    after the blocks. (``nnx.split_rngs`` would give each layer a key of its own: equally
+    random, but not the unscanned model's numbers.)
+    """
+    stream = rngs.params  # the stream nnx layers draw init keys from ('params' or 'default')
+    k = _draws_per_block(cfg)
+    key, c0 = stream.key[...], stream.count[...]
+    counts = c0 + k * jnp.arange(cfg.n_layers, dtype=jnp.uint32)
+
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata=_LAYERS)
+    def make(count):
+        r = nnx.Rngs(**{stream.tag: key})
+        getattr(r, stream.tag).count[...] = count
+        return Block(cfg, rngs=r)
+
+    blocks = make(counts)
+    stream.count[...] = c0 + k * cfg.n_layers
+    # nnx.vmap names the new axis only where a spec is non-empty: a scalar parameter (Sessa's
+    # gamma_bias, spec ()) would keep spec () on its (n_layers,) value. Name it here too, so
+    # every stacked spec starts with 'layers'.
+    for _, v in nnx.iter_graph(blocks):
+        if isinstance(v, nnx.Variable) and v.get_metadata().get("out_sharding") == ():
+            v.set_metadata(out_sharding=("layers",))
+    return blocks
 
 
 def _head_logits(spec, h, w):

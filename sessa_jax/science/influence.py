@@ -93,9 +93,7 @@ def _hidden_from_embedded(model):
 
     def f(state, x):
         m = nnx.merge(graphdef, state)
-        for block in m.blocks:
-            x = block(x)
-        return m.ln_f(x)
+        return m.ln_f(m.blocks_forward(x))  # either parameter layout
 
     return f, state
 

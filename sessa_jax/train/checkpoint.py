@@ -2,11 +2,14 @@
 
 Layout: ``<run_dir>/checkpoints/<step>/`` with two items, ``state`` (the TrainState pytree:
 params, opt_state, step, rng, skip counters) and ``meta`` (JSON: the resolved config, the model
-structure {family, n_layers, scanned: false}, the step, library versions). Retention keeps the
+structure {family, n_layers, scanned}, the step, library versions). Retention keeps the
 last ``keep_last`` checkpoints plus the best one by ``keep_best_metric``.
 
 Restores read into the *current* mesh: the target is the abstract state (``jax.eval_shape``)
 carrying the NamedShardings of this run, so a run saved on 8 devices resumes on 1 and back.
+They read into the current parameter layout too: a step saved with ``model.scan_layers`` (meta
+``model.scanned``) is read in its own layout, verified, then converted
+(:mod:`sessa_jax.models.layout`), so scanned and unscanned runs restore each other's steps.
 Integrity: ``meta`` records a digest of every array of the state (:mod:`.integrity`) and a
 sha256 of itself; every restore recomputes and compares them. A step that fails to restore
 (missing files, garbage) or whose arrays do not match their digests is reported with one warning
@@ -32,6 +35,7 @@ from etils import epath
 
 from sessa_jax.console import drop_async_noise
 from sessa_jax.paths import PathLike, user_path
+from sessa_jax.models import layout
 from sessa_jax.train import integrity
 from sessa_jax.train.config import CheckpointConfig, TrainConfig, from_dict, to_dict
 
@@ -61,7 +65,8 @@ def make_meta(cfg: TrainConfig, step: int, checksums: Optional[dict] = None) -> 
         "format": FORMAT,
         "step": int(step),
         "config": to_dict(cfg),
-        "model": {"family": cfg.model.family, "n_layers": cfg.model.n_layers, "scanned": False,
+        "model": {"family": cfg.model.family, "n_layers": cfg.model.n_layers,
+                  "scanned": bool(cfg.model.scan_layers),
                   "vocab_size": cfg.model.vocab_size, "d_model": cfg.model.d_model},
         "versions": {"jax": jax.__version__, "flax": flax.__version__,
                      "orbax": getattr(ocp, "__version__", "?")},
@@ -281,39 +286,62 @@ class Checkpointer:
                 self._set_aside(s)
         raise CheckpointError(f"{self.directory}: no readable checkpoint (last error: {last_err})")
 
+    def _saved_scanned(self, step: int) -> bool:
+        """Whether ``step`` holds its blocks stacked (meta ``model.scanned``; old steps: no)."""
+        meta = self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta
+        return bool(((meta or {}).get("model") or {}).get("scanned", False))
+
+    def _layout_args(self, item, scanned_now: bool, make):
+        """make_args for _restore_with_fallback: each step is read in the layout it was saved
+        in (``item`` converted to it), so its digests verify as saved. -> (make_args, saved
+        layouts by step)."""
+        saved = {}
+
+        def args(s):
+            saved[s] = self._saved_scanned(s)
+            target = item if saved[s] == scanned_now else layout.to_layout(item, saved[s])
+            return make(target, ocp.checkpoint_utils.construct_restore_args(target))
+
+        return args, saved
+
+    @staticmethod
+    def _into_layout(tree, abstract, scanned: bool):
+        """A restored tree -> the layout and shardings of ``abstract`` (one jitted copy)."""
+        shardings = jax.tree.map(lambda a: a.sharding, abstract)
+        return jax.jit(lambda t: layout.to_layout(t, scanned), out_shardings=shardings)(tree)
+
     def restore(self, abstract_state, step: Optional[int] = None):
         """-> (state placed by the shardings in ``abstract_state``, meta dict, step).
 
         For resuming: a step whose parameters are non-finite is skipped like a damaged one.
+        A step saved in the other parameter layout is converted to ``abstract_state``'s.
         """
-        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
-
-        def args(_):
-            return ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args),
-                meta=ocp.args.JsonRestore(),
-            )
-
+        scanned = layout.is_scanned(abstract_state.params)
+        args, saved = self._layout_args(abstract_state, scanned, lambda t, ra: ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(t, restore_args=ra), meta=ocp.args.JsonRestore()))
         s, out = self._restore_with_fallback(step, args, lambda o: o.state, nonfinite="skip")
-        return out.state, out.meta, s
+        state = out.state
+        if saved[s] != scanned:
+            state = self._into_layout(state, abstract_state, scanned)
+        return state, out.meta, s
 
     def restore_params(self, abstract_params, step: Optional[int] = None):
         """Only the parameters (no optimizer state read) -> (params, meta, step).
 
         Non-finite parameters raise CheckpointError (nobody wants to evaluate or export them).
+        A step saved in the other parameter layout is converted to ``abstract_params``'.
         """
         item = {"params": abstract_params}
-        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-
-        def args(_):
-            return ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(item, restore_args=restore_args,
-                                             partial_restore=True),
-                meta=ocp.args.JsonRestore(),
-            )
-
+        scanned = layout.is_scanned(abstract_params)
+        args, saved = self._layout_args(item, scanned, lambda t, ra: ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(t, restore_args=ra, partial_restore=True),
+            meta=ocp.args.JsonRestore()))
         s, out = self._restore_with_fallback(step, args, lambda o: {"params": o.state["params"]})
-        return out.state["params"], out.meta, s
+        params = out.state["params"]
+        if saved[s] != scanned:
+            params = self._into_layout(params, abstract_params, scanned)
+        return params, out.meta, s
 
     def restore_params_host(self, abstract_params, step: Optional[int] = None):
         """Only the parameters, into host memory as NumPy arrays -> (params, meta, step).

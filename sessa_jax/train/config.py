@@ -623,6 +623,8 @@ def replace(cfg, **changes):
 
 # Fields that must match for a run directory to be resumed (performance knobs may differ).
 _DATA_FREE = ("num_threads", "prefetch", "on_bad_record")
+# The parameter layout: a checkpoint converts on restore (train/checkpoint.py).
+_MODEL_FREE = ("scan_layers",)
 
 # ModelConfig fields that change how the model runs, never its parameters (their shapes,
 # names or dtype): a resume, sessa-eval and an export may set them anew. param_dtype and every
@@ -640,7 +642,7 @@ def check_resume_compatible(saved: TrainConfig, new: TrainConfig) -> list[str]:
     for section in ("model", "data"):
         a, b = to_dict(getattr(saved, section)), to_dict(getattr(new, section))
         for k in a:
-            if section == "data" and k in _DATA_FREE:
+            if k in {"data": _DATA_FREE, "model": _MODEL_FREE}[section]:
                 continue
             if a[k] == b.get(k):
                 continue

@@ -571,7 +571,8 @@ def _print_summary(s: dict, cfg: TrainConfig, run_dir) -> None:
 
 # What sessa-eval may change: data (e.g. another seq_len), batch/eval size, mesh, execution.
 _EVAL_OVERRIDABLE = ("data.", "mesh.", "run.global_batch_size", "run.eval_batches",
-                     "run.compute_dtype", *(f"model.{f}" for f in EXECUTION_FIELDS))
+                     "run.compute_dtype", *(f"model.{f}" for f in EXECUTION_FIELDS),
+                     "model.scan_layers")
 
 
 def evaluate_checkpoint(run_dir: str, step: Optional[int] = None,

@@ -83,17 +83,23 @@ def model_stats(model, tokens, segment_ids=None) -> dict:
     -> {"stability/layer<i>/<name>": scalar}."""
     from sessa_jax.models.sessa import SessaLayer
 
-    x = model.embed(tokens)
-    out = {}
-    for i, block in enumerate(model.blocks):
+    def block_stats(block, x):
         if not isinstance(block.mixer, SessaLayer):
-            raise ValueError(f"block {i} is a {type(block.mixer).__name__}: the stability "
+            raise ValueError(f"a block is a {type(block.mixer).__name__}: the stability "
                              "statistics are of Sessa layers (model.family='sessa')")
         x, st = layer_stats(block.mixer, x, segment_ids)
-        out.update({f"stability/layer{i}/{k}": v for k, v in st.items()})
-        if block.mlp is not None:
-            x = block.mlp(x)
-    return out
+        return (block.mlp(x) if block.mlp is not None else x), st
+
+    x = model.embed(tokens)
+    if model.cfg.scan_layers:  # one scanned body, stats stacked (n_layers,) per name
+        _, st = model.scan_blocks(lambda b, h, _: block_stats(b, h), x)
+        per_layer = [{k: v[i] for k, v in st.items()} for i in range(model.cfg.n_layers)]
+    else:
+        per_layer = []
+        for block in model.blocks:
+            x, st = block_stats(block, x)
+            per_layer.append(st)
+    return {f"stability/layer{i}/{k}": v for i, st in enumerate(per_layer) for k, v in st.items()}
 
 
 def make_stats_step(cfg, setup) -> Optional[Callable]:

@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from sessa_jax.models.layout import is_scanned
 from sessa_jax.models.lm import DecoderLM
 from sessa_jax.ops.attention import check_attention_impl
 from sessa_jax.train.config import ConfigError, OptimizerConfig, TrainConfig
@@ -93,9 +94,13 @@ _NO_DECAY_NAMES = ("bias", "scale", "embedding", "A_log", "D", "gamma_bias")
 def decay_mask(params) -> Any:
     """True where weight decay applies: matrices, except embeddings and SSM dynamics."""
 
+    stacked = isinstance(params, dict) and "blocks" in params and is_scanned(params)
+
     def wants(path, leaf) -> bool:
         name = str(getattr(path[-1], "key", path[-1]))
-        return leaf.ndim >= 2 and name not in _NO_DECAY_NAMES  # LayerNorm/bias are 1-D
+        # A scanned model's blocks carry a leading layers axis: not a matrix dimension.
+        ndim = leaf.ndim - (stacked and str(getattr(path[0], "key", path[0])) == "blocks")
+        return ndim >= 2 and name not in _NO_DECAY_NAMES  # LayerNorm/bias are 1-D
 
     return jax.tree_util.tree_map_with_path(wants, params)
 
