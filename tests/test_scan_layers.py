@@ -44,14 +44,14 @@ def assert_trees_equal(a, b, atol=0.0):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol)
 
 
-def loss_and_grads(model, tokens):
+def loss_and_grads(model, tokens, segment_ids=None):
     """(logits, grads) of a scalar loss, jitted once per model structure."""
     graphdef, params = nnx.split(model, nnx.Param)
 
     @jax.jit
     def f(params):
         def loss(p):
-            logits = nnx.merge(graphdef, p)(tokens)
+            logits = nnx.merge(graphdef, p)(tokens, segment_ids=segment_ids)
             return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0]), logits
         (_, logits), g = jax.value_and_grad(loss, has_aux=True)(params)
         return logits, g
@@ -73,8 +73,9 @@ def test_same_init_logits_and_gradients(family, mlp_ratio, remat):
     assert count_params(flat) == count_params(scan)
 
     tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, TINY["vocab_size"])
-    lf, gf = loss_and_grads(flat, tokens)
-    ls, gs = loss_and_grads(scan, tokens)
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 2], [1] * 8], jnp.int32)  # packed rows: side input
+    lf, gf = loss_and_grads(flat, tokens, seg)
+    ls, gs = loss_and_grads(scan, tokens, seg)
     np.testing.assert_allclose(np.asarray(ls), np.asarray(lf), rtol=0, atol=1e-6)
     assert_trees_equal(unstack_layers(gs), gf, atol=1e-6)
 
