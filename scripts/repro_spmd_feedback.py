@@ -14,13 +14,14 @@ solve. Two matmuls and one sharding constraint suffice:
 
 returns rows in the wrong places: the partitioned HLO moves the intermediate x @ A with a
 collective-permute {2->4, 4->2, 3->5, 5->3} (it swaps the data and fsdp coordinates of the
-batch shards, to line the rows up with Bm's fsdp-split columns) and never permutes back, so
-the output equals the true result with batch shards 1 and 2 exchanged (checked below: error
-~scale against the truth, ~1e-6 against the truth with those shards swapped). GSPMD
-propagation (JAX_USE_SHARDY_PARTITIONER=0) and Shardy give the same wrong result, so the bug
-is in XLA's SPMD partitioner (dot handling) rather than in either propagation. It needs all three mesh axes
-> 1: meshes 1x2x4, 2x1x4, 1x2x2, 2x1x2 are right. Constraining the intermediate to rows
-(P(('data','fsdp'))) or the output to whole-width rows hides it.
+batch shards, seemingly to line the rows up with Bm's fsdp-split columns) and never
+permutes back, so the output equals the true result with batch shards 1 and 2 exchanged
+(checked below: error ~scale against the truth, ~1e-6 against the truth with those shards
+swapped). GSPMD propagation (JAX_USE_SHARDY_PARTITIONER=0) and Shardy give the same wrong
+result, so the bug is in XLA's SPMD partitioner (dot handling) rather than in either
+propagation. It needs all three mesh axes > 1: meshes 1x2x4, 2x1x4, 1x2x2, 2x1x2 are
+right. Constraining the intermediate to rows (P(('data','fsdp'))) or the output to
+whole-width rows hides it.
 
 In the Sessa layer this is the forward branch's out_proj feeding the width-split f
 constraint (f = merge_heads(o) with out_proj sharded ('heads', 'embed')); the old comment's
@@ -151,7 +152,8 @@ def main() -> int:
     for shape, name, kw in cases:
         err, err_sw, scale = two_matmuls(shape, **kw)
         minimal = err / scale if minimal is None else minimal
-        print(f"{' x '.join(map(str, shape)):28s} {name:34s} {err:9.3g} {err_sw:14.3g} {scale:7.3g}")
+        print(f"{' x '.join(map(str, shape)):28s} {name:34s} {err:9.3g} {err_sw:14.3g} "
+              f"{scale:7.3g}")
     print("\nOne Sessa layer on 2x2x2, constrained vs unconstrained (f = forward-branch output):")
     for split in (False, True):
         for ident in (True, False):
