@@ -21,7 +21,8 @@ swapped). GSPMD propagation (JAX_USE_SHARDY_PARTITIONER=0) and Shardy give the s
 result, so the bug is in XLA's SPMD partitioner (dot handling) rather than in either
 propagation. It needs all three mesh axes > 1: meshes 1x2x4, 2x1x4, 1x2x2, 2x1x2 are
 right. Constraining the intermediate to rows (P(('data','fsdp'))) or the output to
-whole-width rows hides it.
+whole-width rows hides it, and so does what spread_rows asks for: the output as rows over
+data x fsdp x tensor (8 rows; checked at d=16 and 32).
 
 In the Sessa layer this is the forward branch's out_proj feeding the width-split f
 constraint (f = merge_heads(o) with out_proj sharded ('heads', 'embed')); the old comment's
@@ -60,6 +61,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 AXES = ("data", "fsdp", "tensor")
 ROWS = P(("data", "fsdp"))
 WIDTH = P(("data", "fsdp"), None, "tensor")
+SPREAD = P(("data", "fsdp", "tensor"))
 
 
 def two_matmuls(shape, *, out_spec=WIDTH, mid_spec=None, B=4, T=2, d=16, seed=0):
@@ -81,7 +83,7 @@ def two_matmuls(shape, *, out_spec=WIDTH, mid_spec=None, B=4, T=2, d=16, seed=0)
     got = np.asarray(jax.jit(fn)(put(x, ROWS), put(A, P("fsdp", "tensor")),
                                  put(Bm, P("tensor", "fsdp"))))
     want = np.einsum("btd,de,ef->btf", x.astype(np.float64), A, Bm)
-    swapped = want[[0, 2, 1, 3]] if B == 4 else want
+    swapped = want[[0, 2, 1, 3]] if B == 4 else want  # (B=8: no swap to compare with)
     return (float(np.max(np.abs(got - want))), float(np.max(np.abs(got - swapped))),
             float(np.max(np.abs(want))))
 
@@ -109,8 +111,8 @@ def sessa_layer(width_split_f: bool, identity_solve: bool, impl: str = "chunked"
     x = jax.random.normal(jax.random.key(1), (4, 8, 32))
     saved = sessa.SessaMixer.attend, sessa.feedback_solve
 
-    def attend(self, a, *, return_kv=False):  # the forward branch, f width-split
-        f, kv = saved[0](self, a, return_kv=True)
+    def attend(self, a, *, return_kv=False, **kw):  # the forward branch, f width-split
+        f, kv = saved[0](self, a, return_kv=True, **kw)
         if width_split_f:
             f = constrain(f, ("batch", "length", "act_mlp"))
         return (f, kv) if return_kv else f
@@ -143,6 +145,9 @@ def main() -> int:
         ((2, 2, 2), "as above", {}),
         ((2, 2, 2), "output whole-width rows", dict(out_spec=ROWS)),
         ((2, 2, 2), "x @ A constrained to rows", dict(mid_spec=ROWS)),
+        # what spread_rows asks of the forward branch's output: rows over all three axes
+        ((2, 2, 2), "8 rows, output rows over d,f,t", dict(out_spec=SPREAD, B=8)),
+        ((2, 2, 2), "8 rows, d=32, out rows over d,f,t", dict(out_spec=SPREAD, B=8, d=32)),
         ((1, 2, 4), "as above", {}),
         ((2, 1, 4), "as above", {}),
         ((1, 2, 2), "as above", {}),
