@@ -20,7 +20,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _layer_grad_temp_bytes(block, T, impl="auto", D=64):
     kw = dict(d_model=D, n_heads=4, attention_impl=impl)
-    m = (SessaLayer(SessaConfig(**kw), rngs=nnx.Rngs(0)) if block == "sessa"
+    # feedback_unroll=0: the looped sweep, the one long sequences get. Short sweeps (<= 8 chunks)
+    # are unrolled for speed and hold up to 8 chunks' tiles at once: bounded, but it would make
+    # 1024 (2 chunks) against 4096 (8 chunks) compare two different programs.
+    m = (SessaLayer(SessaConfig(**kw, feedback_unroll=0), rngs=nnx.Rngs(0)) if block == "sessa"
          else AttentionBlock(AttentionConfig(**kw), rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(m)
     fn = jax.jit(jax.grad(lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x)), argnums=(0, 1)))
