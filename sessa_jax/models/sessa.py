@@ -20,7 +20,9 @@ from sessa_jax.models.attention import CausalSelfAttention, check_capacity, writ
 from sessa_jax.models.config import SessaConfig, to_dtype
 from sessa_jax.models.layers import layer_norm, linear, logical, rms_norm
 from sessa_jax.models.partitioning import constrain
+from sessa_jax.ops.attention import causal_attention
 from sessa_jax.ops.feedback import feedback_decode_step, feedback_solve
+from sessa_jax.ops.segments import segment_positions
 
 
 # Sessa's activations are split by rows only, never by width. The routing scores contract over
@@ -145,6 +147,8 @@ class SessaLayer(nnx.Module):
 
     def __call__(self, x, segment_ids=None):
         """x (B, T, D), segment_ids (B, T) int or None -> (B, T, D)."""
+        if self.cfg.layer_remat == "staged":
+            return _staged_call(self, x, segment_ids)
         a, g = self._pre(x)
         return x + self.W_out(self.mixer(a, segment_ids=segment_ids) * g)
 
@@ -190,3 +194,51 @@ class SessaLayer(nnx.Module):
         a, g = self._pre(x_t)
         s, cache = self.mixer.decode_step(a, cache)
         return x_t + self.W_out(s * g), cache
+
+
+def _staged_call(layer: SessaLayer, x, segment_ids=None):
+    """SessaLayer.__call__ with a staged backward pass (``layer_remat="staged"``).
+
+    The same function, cut into regions that keep nothing but their inputs
+    (``jax.checkpoint`` with nothing saveable) and recompute the rest in their own backward
+    step:
+
+        f               = W_o attention(qkv(pre(x)))  region 1 (input x); qkv(pre(x)) is
+                                                      region 1a inside it (input x)
+        q_b, k_b, gamma = feedback_inputs(pre(x))     region 2 (input x)
+        s               = solve(q_b, k_b, gamma, f)   keeps q_b, k_b, gamma, s, ctx, lse
+        y               = x + W_out(s * pre(x)[1])    region 3 (inputs x, s)
+
+    The backward pass runs them in reverse: region 3, the solve, region 2, region 1. While
+    the solve's backward runs, the live activations are x, dx, the solve's residuals and its
+    own temporaries; while the attention's backward runs, x, dx, q, k, v, o and its
+    statistics. LayerNorm, W_in, GELU and the projections are recomputed per region
+    (matmuls of D x 2D: cheap next to the T^2 parts); the forward attention runs twice.
+    The solve recomputes its block inverses instead of keeping them (``keep_inverses``).
+    """
+    cfg = layer.cfg
+    remat = lambda fn: nnx.remat(fn, policy=jax.checkpoint_policies.nothing_saveable)
+
+    def qkv(m, x, positions):
+        return m.mixer.qkv(m._pre(x)[0], positions)
+
+    def branch(m, x, seg):  # as CausalSelfAttention.attend, with q, k, v from region 1a
+        positions = jnp.arange(x.shape[1]) if seg is None else segment_positions(seg)
+        q, k, v = remat(qkv)(m, x, positions)
+        o = causal_attention(q, k, v, impl=m.mixer.acfg.attention_impl, segment_ids=seg)
+        return constrain(m.mixer.merge_heads(o), _ROWS)
+
+    def fb_inputs(m, x):
+        return m.mixer._feedback_inputs(m._pre(x)[0])
+
+    def out(m, x, s):
+        return m.W_out(s * m._pre(x)[1])
+
+    f = remat(branch)(layer, x, segment_ids)
+    q_b, k_b, gamma = remat(fb_inputs)(layer, x)
+    s = feedback_solve(
+        q_b, k_b, gamma, f, impl=cfg.feedback_impl, chunk_size=cfg.chunk_size,
+        segments=cfg.feedback_segments, inverse=cfg.feedback_inverse,
+        unroll=cfg.feedback_unroll, segment_ids=segment_ids, keep_inverses=False,
+    )
+    return x + remat(out)(layer, x, s)
