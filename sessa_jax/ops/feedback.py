@@ -426,23 +426,26 @@ def _chunked_fwd(q_b, k_b, gamma, f, seg, c, edges, inverse, keep_inv):
 def _chunked_bwd(c, edges, inverse, keep_inv, res, g_s):
     """Reverse sweep over chunks.
 
-    With M = I - diag(gamma) alpha and G = dL/ds:
-      df = M^{-T} G                       (anti-causal, solved chunk by chunk from the end)
-      dO_t = gamma_t df_t;  Delta_t = dO_t . ctx_t
-      dscore[t, j] = alpha[t, j] (dO_t . s_j - Delta_t)
-      dq_b = dscore k_b / sqrt(D);  dk_b = dscore^T q_b / sqrt(D);  dgamma_t = df_t . ctx_t
+    With M = I - diag(gamma) alpha, W = diag(gamma) alpha (W[t, j] = gamma_t alpha[t, j])
+    and G = dL/ds:
+      df = M^{-T} G = G + W^T df          (anti-causal, solved chunk by chunk from the end)
+      e_t = df_t . ctx_t = dgamma_t
+      dscore[t, j] = alpha[t, j] gamma_t (df_t . s_j - e_t) = W[t, j] (df_t . s_j - e_t)
+      dq_b = dscore k_b / sqrt(D);  dk_b = dscore^T q_b / sqrt(D)
+    (the usual attention backward with dO_t = gamma_t df_t and Delta_t = gamma_t e_t, gamma
+    folded into the tile instead of a scaled copy of df).
     Step i handles key/column chunk i: once df is known for rows >= i*c, every row that reads
     chunk i is known, so dk_b for the chunk is final and its dq_b contribution is pushed out.
     Segment [a, b) only touches query rows >= a*c, the rows that can read its keys.
-    df, dk_b and dgamma are full-length carries written in place. With segment ids, the
-    forward's mask (own segment, strictly earlier) is applied to every alpha^T tile.
+    dk_b and dgamma are full-length carries written in place. With segment ids, the
+    forward's mask (own segment, strictly earlier) is applied to every W^T tile.
 
     Memory: the only full-length float32 (B, T, D) buffer is the dq_b accumulator. G stays
-    in its dtype (each chunk's slice is cast). The row-side carries (d_o, delta, dq) hold
-    rows >= r0 only and grow at each segment boundary (rows < r0 are still zero there).
-    Without saved inverses (``keep_inv=False``) each chunk's is recomputed from the
-    diagonal block of its alpha^T tile. For half-precision inputs the alpha^T tile is kept
-    in that dtype (it is rounded to it for the products anyway).
+    in its dtype (each chunk's slice is cast). The row-side carries (df, e, dq) hold rows
+    >= r0 only and grow at each segment boundary (rows < r0 are still zero there); df is
+    the output. Without saved inverses (``keep_inv=False``) each chunk's is recomputed from
+    the diagonal block of its W^T tile. For half-precision inputs the W^T tile is kept in
+    that dtype (it is rounded to it for the products anyway).
     """
     q_b, k_b, gamma, seg, s, ctx, lse, inv_all = res
     f_dtype = s.dtype  # s is returned in f's dtype
@@ -453,58 +456,53 @@ def _chunked_bwd(c, edges, inverse, keep_inv, res, g_s):
     n = tp // c
     looped = len(edges) - 1 < n
 
-    def make_step(r0, q_seg, lse_seg, seg_rows):
+    def make_step(r0, q_seg, lse_seg, g_seg, seg_rows):
         rows = r0 + jnp.arange(tp - r0)
+        g_cols = g_seg.astype(acc)[:, None, :]  # gamma_t of the tile's columns t >= r0
 
         def step(carry, i):
-            # d_o, delta, dq: rows >= r0 only; df, dk, dgamma: full length
-            (d_o, delta, dq), (df, dk, dgamma) = carry
+            # df, e, dq: rows >= r0 only; dk, dgamma: full length
+            (df, e, dq), (dk, dgamma) = carry
             start = i * c
             cols_j = start + jnp.arange(c)
             k_c = jax.lax.dynamic_slice_in_dim(k_b, start, c, axis=1)
             s_c = jax.lax.dynamic_slice_in_dim(s, start, c, axis=1)
             ctx_c = jax.lax.dynamic_slice_in_dim(ctx, start, c, axis=1).astype(acc)
-            g_c = jax.lax.dynamic_slice_in_dim(gamma, start, c, axis=1).astype(acc)
             gs_c = jax.lax.dynamic_slice_in_dim(g_s, start, c, axis=1).astype(acc)
-            # alpha^T block: rows = keys j of this chunk, columns = queries t >= r0.
+            # W^T block: rows = keys j of this chunk, columns = queries t >= r0.
             scores_t = jnp.einsum("bjd,btd->bjt", k_c, q_seg, preferred_element_type=acc) * scale
             seg_j = None if seg is None else jax.lax.dynamic_slice_in_dim(seg, start, c, axis=1)
             valid = visible(rows, cols_j, seg_rows, seg_j, strict=True, keys_first=True)
-            alpha_t = jnp.where(valid, jnp.exp(scores_t - lse_seg[:, None, :]), 0.0)
+            w_t = jnp.where(valid, jnp.exp(scores_t - lse_seg[:, None, :]), 0.0) * g_cols
             local = start - r0
             if inv_all is not None:
                 inv_c = jax.lax.dynamic_index_in_dim(inv_all, i, axis=1, keepdims=False)
-            else:  # the chunk's own block of alpha^T is A_cc^T
-                a_cc = jnp.swapaxes(jax.lax.dynamic_slice_in_dim(alpha_t, local, c, axis=2), 1, 2)
-                inv_c = _block_inverse(g_c[..., None] * a_cc, inverse, mm)
+            else:  # the chunk's own block of W^T is (diag(gamma_c) A_cc)^T
+                n_cc = jnp.swapaxes(jax.lax.dynamic_slice_in_dim(w_t, local, c, axis=2), 1, 2)
+                inv_c = _block_inverse(n_cc, inverse, mm)
             if _half(mm):
-                alpha_t = alpha_t.astype(mm)
-            # d_o is zero on rows not yet solved, so this reads later chunks only.
-            rhs = gs_c + jnp.einsum(
-                "bjt,btd->bjd", alpha_t.astype(mm), d_o, preferred_element_type=acc
-            )
+                w_t = w_t.astype(mm)
+            # df is zero on rows not yet solved, so this reads later chunks only.
+            rhs = gs_c + jnp.einsum("bjt,btd->bjd", w_t.astype(mm), df, preferred_element_type=acc)
             df_c = _inner("bji,bjd->bid", inv_c, rhs, mm)  # (I - diag(g) A_cc)^{-T} rhs
-            do_c = g_c[..., None] * df_c
-            d_o = jax.lax.dynamic_update_slice_in_dim(d_o, do_c.astype(mm), local, 1)
-            delta = jax.lax.dynamic_update_slice_in_dim(
-                delta, jnp.sum(do_c * ctx_c, axis=-1), local, 1
-            )
-            dp = jnp.einsum("bjd,btd->bjt", s_c, d_o, preferred_element_type=acc)
-            ds_t = (alpha_t * (dp - delta[:, None, :])).astype(mm)  # dscore^T block
+            e_c = jnp.sum(df_c * ctx_c, axis=-1)
+            df = jax.lax.dynamic_update_slice_in_dim(df, df_c.astype(f_dtype), local, 1)
+            e = jax.lax.dynamic_update_slice_in_dim(e, e_c, local, 1)
+            dp = jnp.einsum("bjd,btd->bjt", s_c, df, preferred_element_type=acc)
+            ds_t = (w_t * (dp - e[:, None, :])).astype(mm)  # dscore^T block
             dk_c = jnp.einsum("bjt,btd->bjd", ds_t, q_seg, preferred_element_type=acc) * scale
             dq = dq + jnp.einsum("bjt,bjd->btd", ds_t, k_c, preferred_element_type=acc) * scale
-            df = jax.lax.dynamic_update_slice_in_dim(df, df_c.astype(f_dtype), start, 1)
             dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_c.astype(k_b.dtype), start, 1)
             dgamma = jax.lax.dynamic_update_slice_in_dim(
-                dgamma, jnp.sum(df_c * ctx_c, axis=-1).astype(gamma.dtype), start, 1
+                dgamma, e_c.astype(gamma.dtype), start, 1
             )
-            return ((d_o, delta, dq), (df, dk, dgamma)), None
+            return ((df, e, dq), (dk, dgamma)), None
 
         return step
 
-    outs = (jnp.zeros((B, tp, D), f_dtype), jnp.zeros((B, tp, D), k_b.dtype),
-            jnp.zeros((B, tp), gamma.dtype))
-    rows_carry = (jnp.zeros((B, 0, D), mm), jnp.zeros((B, 0), acc), jnp.zeros((B, 0, D), acc))
+    outs = (jnp.zeros((B, tp, D), k_b.dtype), jnp.zeros((B, tp), gamma.dtype))
+    rows_carry = (jnp.zeros((B, 0, D), f_dtype), jnp.zeros((B, 0), acc),
+                  jnp.zeros((B, 0, D), acc))
     for a, b in reversed(list(zip(edges[:-1], edges[1:]))):
         r0 = a * c
         # Grow the row-side carries to rows >= r0 (the new rows are still zero), then take
@@ -514,16 +512,15 @@ def _chunked_bwd(c, edges, inverse, keep_inv, res, g_s):
             jnp.concatenate([jnp.zeros(x.shape[:1] + (grow,) + x.shape[2:], x.dtype), x], 1)
             for x in rows_carry
         )
-        (q_all, lse_all, seg_all), (rows_carry, outs) = _after(
-            (q_b, lse, seg), (rows_carry, outs), looped)
-        q_seg, lse_seg = q_all[:, r0:], lse_all[:, r0:]
+        (q_all, lse_all, g_all, seg_all), (rows_carry, outs) = _after(
+            (q_b, lse, gamma, seg), (rows_carry, outs), looped)
         seg_rows = None if seg_all is None else seg_all[:, r0:]
+        step = make_step(r0, q_all[:, r0:], lse_all[:, r0:], g_all[:, r0:], seg_rows)
         (rows_carry, outs), _ = jax.lax.scan(
-            make_step(r0, q_seg, lse_seg, seg_rows), (rows_carry, outs), jnp.arange(a, b),
-            reverse=True,
+            step, (rows_carry, outs), jnp.arange(a, b), reverse=True
         )
-    dq = rows_carry[2]
-    df, dk, dgamma = outs
+    df, _, dq = rows_carry
+    dk, dgamma = outs
     return dq.astype(q_b.dtype), dk, dgamma, df, None
 
 
