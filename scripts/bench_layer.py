@@ -8,6 +8,13 @@ compute with float32 parameters, plus single-token decode speed at long contexts
     python scripts/bench_layer.py --T 512,2048 --reps 3 # a quick one
     python scripts/bench_layer.py --out bench.json --markdown
     python scripts/bench_layer.py --impls feedback --inverse doubling --segments 16  # variants
+    python scripts/bench_layer.py --impls attention,chunked --T 1048576 --tokens 1048576 \
+        --reps 1 --decode-contexts "" --layer-remat staged --timeout 900   # the 1M-token layer
+
+``--remat`` wraps each layer in ``nnx.remat`` with the model's block policy (ModelConfig.remat:
+what a multi-layer model keeps between layers; for one layer it only adds recompute).
+``--layer-remat staged`` is SessaConfig.layer_remat: the Sessa layer's own staged backward
+(what decides one layer's peak; see sessa_jax/models/sessa.py).
 
 Every configuration runs in its own process, so each peak-memory figure is that
 configuration's own (``peak_bytes_in_use``) and an out-of-memory failure stays contained.
@@ -41,7 +48,8 @@ def _run_one(args) -> dict:
     dt = jnp.bfloat16
     res = dict(impl=args.one_impl, T=T, B=B, D=D, heads=args.heads, chunk=args.chunk,
                segments=args.segments, inverse=args.inverse, unroll=args.unroll,
-               gamma_dtype=args.gamma_dtype,
+               gamma_dtype=args.gamma_dtype, remat=args.remat,
+               layer_remat=args.layer_remat if args.one_impl in ("chunked", "dense") else "none",
                device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
                jax=jax.__version__)
 
@@ -72,14 +80,21 @@ def _run_one(args) -> dict:
                 SessaConfig(d_model=D, n_heads=args.heads, dtype="bfloat16",
                             feedback_impl=args.one_impl, chunk_size=args.chunk,
                             feedback_segments=args.segments, feedback_inverse=args.inverse,
-                            feedback_unroll=args.unroll),
+                            feedback_unroll=args.unroll, layer_remat=args.layer_remat),
                 rngs=nnx.Rngs(0),
             )
         graphdef, params = nnx.split(layer)
         x = jax.random.normal(key, (B, T, D), dt)
+        if args.remat != "none":
+            from sessa_jax.models.lm import _REMAT_POLICIES
+
+            policy = _REMAT_POLICIES[args.remat]
+            call = nnx.remat(lambda m, h: m(h), policy=policy)
+        else:
+            call = lambda m, h: m(h)
 
         def loss(params, x):
-            y = nnx.merge(graphdef, params)(x)
+            y = call(nnx.merge(graphdef, params), x)
             return jnp.mean(y.astype(jnp.float32) ** 2)
 
         fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
@@ -170,7 +185,8 @@ def _sweep(args) -> list[dict]:
                "--heads", str(args.heads), "--chunk", str(args.chunk), "--reps", str(args.reps),
                "--segments", str(args.segments), "--inverse", args.inverse,
                "--unroll", str(args.unroll),
-               "--gamma-dtype", args.gamma_dtype]
+               "--gamma-dtype", args.gamma_dtype, "--remat", args.remat,
+               "--layer-remat", args.layer_remat]
         t0 = time.time()
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -235,6 +251,10 @@ def main():
                    help="how the chunked solve inverts its diagonal blocks")
     p.add_argument("--gamma-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="gamma's dtype for --impls feedback (the layer computes it in float32)")
+    p.add_argument("--remat", default="none", choices=("none", "full", "dots", "save_feedback"),
+                   help="wrap each layer in nnx.remat with this block policy (ModelConfig.remat)")
+    p.add_argument("--layer-remat", default="none", choices=("none", "staged"),
+                   help="the Sessa layer's own staged backward (SessaConfig.layer_remat)")
     p.add_argument("--dense-max-T", type=int, default=16384)
     p.add_argument("--decode-contexts", default="4096,32768")
     p.add_argument("--timeout", type=int, default=240)

@@ -236,3 +236,46 @@ def test_chunked_blocked_inverse_equals_dense_float64(x64):
     assert abs(float(vc - vd)) <= 1e-9 * abs(float(vd))
     for name, a, b in zip(("q_b", "k_b", "gamma", "f"), gc, gd):
         assert rel_err(a, b) <= 1e-9, name
+
+
+def test_chunked_without_saved_inverses_equals_dense_float64(x64):
+    """keep_inverses=False (block inverses recomputed in the backward step from its own
+    tile), looped sweep, packed documents: gradients equal the dense solve's."""
+    seed = int(np.random.SeedSequence().generate_state(1)[0] % 2**31)
+    q, k, g, f, w = _inputs(seed, 2, 37, 8, gamma_scale=3.0)
+    seg = jnp.cumsum(jax.random.bernoulli(jax.random.PRNGKey(seed), 0.1, (2, 37)), axis=1)
+
+    def loss(impl):
+        return lambda q, k, g, f: jnp.sum(w * feedback_solve(
+            q, k, g, f, impl=impl, chunk_size=4, unroll=0, segment_ids=seg,
+            keep_inverses=False))
+
+    gd = jax.jit(jax.grad(loss("dense"), argnums=(0, 1, 2, 3)))(q, k, g, f)
+    gc = jax.jit(jax.grad(loss("chunked"), argnums=(0, 1, 2, 3)))(q, k, g, f)
+    for name, a, b in zip(("q_b", "k_b", "gamma", "f"), gc, gd):
+        assert rel_err(a, b) <= 1e-9, (name, seed)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_saved_residual_dtypes(dtype):
+    """What the chunked solve keeps for the backward pass: s and ctx in f's dtype for bf16
+    (ctx in float32 for float32), lse in float32, block inverses only with keep_inverses."""
+    import contextlib
+    import io
+    import re
+
+    q, k, g, f, _ = _inputs(0, 1, 64, 8, dtype=jnp.dtype(dtype))
+    for keep in (True, False):
+        loss = lambda q, k, g, f: jnp.sum(feedback_solve(
+            q, k, g.astype(jnp.float32), f, chunk_size=8, unroll=0,
+            keep_inverses=keep).astype(jnp.float32))
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            jax.ad_checkpoint.print_saved_residuals(loss, q, k, g, f)
+        named = dict((n, t) for t, n in re.findall(r"(\w+)\[[\d,]*\]\s+named '(\w+)'",
+                                                   buf.getvalue()))
+        half = "bf16" if dtype == "bfloat16" else "f32"
+        want = {"feedback_s": half, "feedback_ctx": half, "feedback_lse": "f32"}
+        if keep:
+            want["feedback_inv"] = half
+        assert named == want, buf.getvalue()

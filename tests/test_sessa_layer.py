@@ -160,3 +160,44 @@ def test_cache_overflow_is_a_clear_error():
 def test_bad_config_names_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
         SessaConfig(**kw)
+
+
+def test_staged_layer_remat_same_gradients_fewer_residuals():
+    """layer_remat='staged' (packed rows, looped sweep): the same loss and gradients as the
+    plain layer, and across the forward/backward boundary it keeps only x, the solve's
+    inputs q_b, k_b, gamma and its named residuals s, ctx, lse (no block inverses)."""
+    import contextlib
+    import io
+    import re
+
+    from sessa_jax.models.config import ModelConfig
+
+    B, T, D = 2, 24, 16
+    x = jax.random.normal(jax.random.key(1), (B, T, D))
+    seg = jnp.cumsum(jax.random.bernoulli(jax.random.key(2), 0.15, (B, T)), axis=1)
+    w = jax.random.normal(jax.random.key(3), (B, T, D))
+    out, saved = {}, {}
+    for mode in ("none", "staged"):
+        layer = SessaLayer(SessaConfig(d_model=D, n_heads=2, chunk_size=8, feedback_unroll=0,
+                                       layer_remat=mode), rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(layer)
+        loss = lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x, seg) * w)
+        out[mode] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(state, x)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            jax.ad_checkpoint.print_saved_residuals(loss, state, x)
+        saved[mode] = [l for l in buf.getvalue().splitlines()
+                       if l.startswith(f"f32[{B},{T}") and "from the argument" not in l
+                       and "from a constant" not in l]
+    (v0, g0), (v1, g1) = out["none"], out["staged"]
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        assert rel_err(a, b) < 1e-5
+    names = set(re.findall(r"named '(\w+)'", "\n".join(saved["staged"])))
+    assert names == {"feedback_s", "feedback_ctx", "feedback_lse"}, saved["staged"]
+    shapes = sorted(l.split()[0] for l in saved["staged"])
+    assert shapes == sorted([f"f32[{B},{T}]"] * 2 + [f"f32[{B},{T},{D}]"] * 4), saved["staged"]
+    assert len(saved["none"]) > 3 * len(saved["staged"])
+    assert ModelConfig(layer_remat="staged").block_config().layer_remat == "staged"
+    with pytest.raises(ValueError, match="layer_remat"):
+        SessaConfig(d_model=D, n_heads=2, layer_remat="full")

@@ -20,6 +20,8 @@ Family = Literal["sessa", "transformer", "mamba", "mamba2"]
 FAMILY_NAMES = ("sessa", "transformer", "mamba", "mamba2")
 Remat = Literal["none", "full", "dots", "save_feedback"]
 _REMATS = ("none", "full", "dots", "save_feedback")
+LayerRemat = Literal["none", "staged"]
+_LAYER_REMATS = ("none", "staged")
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -91,9 +93,18 @@ class SessaConfig:
     # Opt-in stabiliser (issue 18): RMSNorm (learned scale, no bias) on q_b and k_b, so the
     # feedback scores q_b.k_b/sqrt(D) stay bounded. Off: the reference layer, parameters and all.
     feedback_qk_norm: bool = False
+    # "staged": the layer's backward pass runs in stages that each recompute their own inputs
+    # from the layer input (LayerNorm, projections, GELU, gamma, the forward attention
+    # branch), so only the solve's residuals (s, ctx, lse; block inverses recomputed) and
+    # the layer input live across stages: about half the peak memory of a trained layer, for
+    # one more attention forward and a few projections. Same outputs and gradients.
+    layer_remat: LayerRemat = "none"
 
     def __post_init__(self):
         _check_heads("", self.d_model, self.n_heads, self.n_kv_heads, self.use_rope)
+        if self.layer_remat not in _LAYER_REMATS:
+            raise ValueError(f"layer_remat={self.layer_remat!r}: expected one of "
+                             f"{', '.join(_LAYER_REMATS)}")
         _check_attention(self.attention_impl, self.d_model // self.n_heads, self.dtype)
         if not isinstance(self.feedback_qk_norm, bool):
             raise ValueError(
@@ -327,6 +338,9 @@ class ModelConfig:
     # nnx.scan: one block body in the HLO instead of n_layers copies (pod compiles). Same
     # numbers as unscanned; checkpoints convert between the layouts, exports are per layer.
     scan_layers: bool = False
+    # Sessa only: "staged" runs each layer's backward in stages (SessaConfig.layer_remat);
+    # composes with ``remat`` (which decides what is kept between layers).
+    layer_remat: LayerRemat = "none"
     # Positions per chunk of the training cross-entropy (0: the whole sequence at once). With
     # a chunk, (B, T, V) float32 logits never exist: each chunk's are made, reduced and
     # recomputed in the backward pass (one extra LM-head product, B*T*V*4 bytes less).
@@ -371,7 +385,7 @@ class ModelConfig:
                 feedback_segments=self.feedback_segments, feedback_inverse=self.feedback_inverse,
                 feedback_unroll=self.feedback_unroll, dtype=self.dtype,
                 param_dtype=self.param_dtype,
-                feedback_qk_norm=self.feedback_qk_norm,
+                feedback_qk_norm=self.feedback_qk_norm, layer_remat=self.layer_remat,
             )
         if self.family == "transformer":
             return AttentionConfig(

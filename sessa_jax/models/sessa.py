@@ -21,7 +21,9 @@ from sessa_jax.models.attention import CausalSelfAttention, check_capacity, writ
 from sessa_jax.models.config import SessaConfig, to_dtype
 from sessa_jax.models.layers import layer_norm, linear, logical, rms_norm
 from sessa_jax.models.partitioning import constrain, row_spread, spread_rows
+from sessa_jax.ops.attention import causal_attention
 from sessa_jax.ops.feedback import feedback_decode_step, feedback_solve
+from sessa_jax.ops.segments import segment_positions
 
 
 # Sessa's activations are split by rows only, never by width: the routing scores contract over
@@ -163,6 +165,8 @@ class SessaLayer(nnx.Module):
 
     def __call__(self, x, segment_ids=None):
         """x (B, T, D), segment_ids (B, T) int or None -> (B, T, D)."""
+        if self.cfg.layer_remat == "staged":
+            return _staged_call(self, x, segment_ids)
         a, g = self._pre(x)
         return x + self.W_out(self.mixer(a, segment_ids=segment_ids) * g)
 
@@ -208,3 +212,111 @@ class SessaLayer(nnx.Module):
         a, g = self._pre(x_t)
         s, cache = self.mixer.decode_step(a, cache)
         return x_t + self.W_out(s * g), cache
+
+
+def _region(fn):
+    """``fn(state, *args)`` as one stage of a staged backward pass.
+
+    Forward: ``fn`` as is, keeping only its inputs. Backward: the inputs and the incoming
+    cotangent pass one optimization barrier, so the recompute cannot be hoisted before the
+    cotangent exists (as ``jax.checkpoint`` does); then ``fn`` is recomputed and
+    differentiated; all of its input cotangents (parameter gradients included) leave
+    through a second barrier, so whatever consumes them, the next stage first, waits until
+    the whole stage is done and its activations are dead. Without that, XLA:TPU deferred
+    the output projection's weight gradient past the solve's backward pass, keeping the
+    recomputed W_in output (3072 B a token) alive through it. Inputs after ``state`` that
+    are integer arrays or None (segment ids, positions) get no cotangent.
+    """
+
+    def differentiable(a):
+        return a is not None and jnp.issubdtype(jnp.result_type(a), jnp.inexact)
+
+    @jax.custom_vjp
+    def run(state, *args):
+        return fn(state, *args)
+
+    def fwd(state, *args):
+        return fn(state, *args), (state, args)
+
+    def bwd(res, ct):
+        (state, args), ct = jax.lax.optimization_barrier((res, ct))
+        diff = tuple(differentiable(a) for a in args)
+        fixed = [None if d else a for a, d in zip(args, diff)]
+
+        def f(state, *dargs):
+            it = iter(dargs)
+            return fn(state, *(next(it) if d else a for a, d in zip(fixed, diff)))
+
+        _, vjp = jax.vjp(f, state, *(a for a, d in zip(args, diff) if d))
+        grads = jax.lax.optimization_barrier(vjp(ct))
+        it = iter(grads[1:])
+        return (grads[0],) + tuple(next(it) if d else None for d in diff)
+
+    run.defvjp(fwd, bwd)
+    return run
+
+
+def _staged_call(layer: SessaLayer, x, segment_ids=None):
+    """SessaLayer.__call__ with a staged backward pass (``layer_remat="staged"``).
+
+    The same function, cut into regions (:func:`_region`) that keep nothing but their
+    inputs and recompute the rest in their own backward step, which finishes as a unit:
+
+        f               = W_o attention(qkv(pre(x)))  region 1 (input x); qkv(pre(x)) is
+                                                      region 1a inside it (input x)
+        q_b, k_b, gamma = feedback_inputs(pre(x))     region 2 (input x)
+        s               = solve(q_b, k_b, gamma, f)   keeps q_b, k_b, gamma, s, ctx, lse
+        y               = x + W_out(s * pre(x)[1])    region 3 (inputs x, s), residual add
+                                                      included
+
+    The backward pass runs them in reverse: region 3, the solve, region 2, region 1. While
+    the solve's backward runs, the live activations are x, dx, the solve's residuals and its
+    own temporaries; while the attention's backward runs, x, dx, df, q, k, v, o and its
+    statistics. LayerNorm, W_in, GELU and the projections are recomputed per region
+    (matmuls of D x 2D: cheap next to the T^2 parts); the forward attention runs twice.
+    The solve recomputes its block inverses instead of keeping them (``keep_inverses``).
+    """
+    cfg = layer.cfg
+    graphdef, state = nnx.split(layer)
+    mod = lambda st: nnx.merge(graphdef, st)
+
+    @_region
+    def qkv(st, x, positions):
+        m = mod(st)
+        return m.mixer.qkv(m._pre(x)[0], positions)
+
+    @_region
+    def branch(st, x, seg):  # as CausalSelfAttention.attend, with q, k, v from region 1a
+        m = mod(st)
+        positions = jnp.arange(x.shape[1]) if seg is None else segment_positions(seg)
+        q, k, v = qkv(st, x, positions)
+        o = causal_attention(q, k, v, impl=m.mixer.acfg.attention_impl, segment_ids=seg)
+        return constrain(m.mixer.merge_heads(o), _ROWS), x
+
+    @_region
+    def fb_inputs(st, x):
+        m = mod(st)
+        return m.mixer._feedback_inputs(m._pre(x)[0]) + (x,)
+
+    @_region
+    def out(st, x, s):
+        m = mod(st)
+        return x + m.W_out(s * m._pre(x)[1])
+
+    # x is threaded through the regions (each returns it unchanged): the cotangent of x then
+    # accumulates inside each stage's backward (behind its barrier) instead of as partial
+    # sums that XLA fuses into one add at the very end, keeping all of them alive.
+    f, x1 = branch(state, x, segment_ids)
+    q_b, k_b, gamma, x2 = fb_inputs(state, x1)
+    solve = functools.partial(
+        feedback_solve, impl=cfg.feedback_impl, chunk_size=cfg.chunk_size,
+        segments=cfg.feedback_segments, inverse=cfg.feedback_inverse,
+        unroll=cfg.feedback_unroll, keep_inverses=False,
+    )
+    # the same dispatch point as SessaMixer.__call__: rows spread over the tensor axis too
+    if segment_ids is None:
+        s = spread_rows(solve, q_b, k_b, gamma, f)
+    else:
+        s = spread_rows(lambda q, k, g, f, seg: solve(q, k, g, f, segment_ids=seg),
+                        q_b, k_b, gamma, f, segment_ids)
+    return out(state, x2, s)

@@ -19,9 +19,10 @@ Two implementations of one function, :func:`feedback_solve`:
   product, or a small triangular solve). The backward pass solves the transposed
   (anti-causal) system in reverse chunk order with the saved block inverses and forms the
   attention gradients in the same sweep. Saved: s, ctx, the log-normaliser and the block
-  inverses, O(T * (D + C)) memory (per token: s in f's dtype, ctx and lse in float32, C
-  inverse entries in f's dtype for half precision), each tagged with ``checkpoint_name``
-  (:data:`RESIDUAL_NAMES`) for remat policies.
+  inverses, O(T * (D + C)) memory (per token: s and ctx in f's dtype for half precision,
+  float32/64 otherwise; lse in float32; C inverse entries in f's dtype for half precision,
+  or none with ``keep_inverses=False``, which recomputes each in the backward step), each
+  tagged with ``checkpoint_name`` (:data:`RESIDUAL_NAMES`) for remat policies.
 
 Precision: score products take the input dtype (bf16 allowed) with float32 accumulation;
 softmax statistics, the right-hand-side carries, dgamma and all accumulators are float32
@@ -54,7 +55,7 @@ def _acc_dtype(dtype):
 
 def feedback_solve(
     q_b, k_b, gamma, f, *, impl: Impl = "chunked", chunk_size: int = 256, segments: int = 8,
-    inverse: Inverse = "blocked", unroll: int = 8, segment_ids=None,
+    inverse: Inverse = "blocked", unroll: int = 8, segment_ids=None, keep_inverses: bool = True,
 ):
     """Solve the Sessa feedback system.
 
@@ -69,6 +70,9 @@ def feedback_solve(
       unroll: "chunked" sweeps of at most this many chunks run one chunk per step, unrolled.
       segment_ids: optional (B, T) int document ids (not differentiated): alpha[t, j] = 0
         unless seg[j] == seg[t]. None: one document per row.
+      keep_inverses: "chunked" keeps its C x C block inverses for the backward pass (2C
+        bytes a token in bf16); False recomputes each one there from the diagonal block of
+        the scores that the backward step forms anyway (one small inverse a chunk more).
     Returns:
       s: (B, T, D) in f's dtype.
     """
@@ -77,7 +81,7 @@ def feedback_solve(
     if impl == "chunked":
         return feedback_chunked(
             q_b, k_b, gamma, f, chunk_size=chunk_size, segments=segments, inverse=inverse,
-            unroll=unroll, segment_ids=segment_ids,
+            unroll=unroll, segment_ids=segment_ids, keep_inverses=keep_inverses,
         )
     raise ValueError(f"feedback impl={impl!r}: expected 'dense' or 'chunked'")
 
@@ -166,7 +170,7 @@ RESIDUAL_NAMES = ("feedback_s", "feedback_ctx", "feedback_lse", "feedback_inv")
 
 def feedback_chunked(
     q_b, k_b, gamma, f, *, chunk_size: int = 256, segments: int = 8,
-    inverse: Inverse = "blocked", unroll: int = 8, segment_ids=None,
+    inverse: Inverse = "blocked", unroll: int = 8, segment_ids=None, keep_inverses: bool = True,
 ):
     """Blocked O(T*D)-memory solve with a custom VJP. Shapes as :func:`feedback_solve`.
 
@@ -182,6 +186,8 @@ def feedback_chunked(
     temporaries stay flat in T: inlined steps keep more buffers alive (H200, one layer at
     T=32768, c=2048, 16 chunks unrolled: 7.0 GiB peak; c=512 looped: 1.7 GiB).
     ``segment_ids`` (B, T) int or None: the same tiles, masked to the own segment as well.
+    ``keep_inverses=False``: the block inverses are not saved for the backward pass (no
+    ``feedback_inv`` residual) but recomputed there, one per chunk.
     """
     B, T, D = f.shape
     c = max(1, min(int(chunk_size), T))
@@ -207,15 +213,32 @@ def feedback_chunked(
         # kept ~3x the temp memory on CPU (jax 0.10.2; T=512, c=64, 8 one-step segments).
         nseg = max(1, min(int(segments), n // 2))
     edges = tuple(round(n * i / nseg) for i in range(nseg + 1))  # chunk index boundaries
-    s = _chunked_solve(q_b, k_b, gamma, f, segment_ids, c, edges, inverse)
+    s = _chunked_solve(q_b, k_b, gamma, f, segment_ids, c, edges, inverse, bool(keep_inverses))
     return s[:, :T]
 
 
 # segment_ids is a regular (integer, possibly None) argument, not a nondiff_argnum: it may be
 # a tracer (jit, remat), and the backward returns None (a zero cotangent) for it.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _chunked_solve(q_b, k_b, gamma, f, seg, c, edges, inverse):
-    return _chunked_forward(q_b, k_b, gamma, f, seg, c, edges, inverse)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _chunked_solve(q_b, k_b, gamma, f, seg, c, edges, inverse, keep_inv):
+    return _chunked_forward(q_b, k_b, gamma, f, seg, c, edges, inverse, keep_inv)[0]
+
+
+def _half(dtype) -> bool:
+    return jnp.dtype(dtype).itemsize < 4
+
+
+def _after(x, carry, on: bool = True):
+    """(x, carry) through one optimization barrier: nothing computed from the returned x can
+    be scheduled before ``carry`` exists. Each segment's prefix/suffix slices are taken from
+    it right before the segment's scan (and die after it) instead of all at the start, where
+    XLA's scheduler put them (every segment's slices of q_b and k_b live at once, ~3.5 T*D
+    each). The scan must take the returned carry: a carry that is also an operand of the
+    barrier gets copied (XLA:TPU kept two of each loop buffer). ``on=False``: unchanged (the
+    unrolled sweep)."""
+    if not on:
+        return x, carry
+    return jax.lax.optimization_barrier((x, carry))
 
 
 def _mm32(spec, a, b, precision=jax.lax.Precision.HIGHEST):
@@ -317,7 +340,7 @@ def _block_inverse(n_blk, inverse, mm):
     return _blocked_inverse(n_blk, precision=precision)
 
 
-def _chunked_forward(q_b, k_b, gamma, f, seg, c, edges, inverse):
+def _chunked_forward(q_b, k_b, gamma, f, seg, c, edges, inverse, keep_inv=True):
     """Forward substitution, one chunk of c rows per scan step, ONE pass over the scores.
 
     Step i computes chunk i's scores against every key it can see (< (i+1)c, inside its
@@ -328,20 +351,22 @@ def _chunked_forward(q_b, k_b, gamma, f, seg, c, edges, inverse):
     is a full-length carry written in place (no stacked (n, B, c, ...) outputs to transpose).
     seg (B, Tp) int or None: with ids, rows see only keys of their own segment (a row with
     no visible key gets alpha = 0, lse = 0).
-    Returns s (B, Tp, D) in f's dtype, and residuals ctx (B, Tp, D), lse (B, Tp) in the
-    accumulator dtype and the inverted diagonal blocks (B, n, c, c) (in f's dtype when that is
-    half precision, else the accumulator dtype).
+    Returns s (B, Tp, D) in f's dtype, and residuals ctx (B, Tp, D) (in f's dtype when that
+    is half precision, else the accumulator dtype), lse (B, Tp) in the accumulator dtype and
+    the inverted diagonal blocks (B, n, c, c) (in f's dtype when that is half precision, else
+    the accumulator dtype; None with ``keep_inv=False``).
     """
     B, tp, D = f.shape
     n = tp // c
     acc = _acc_dtype(f.dtype)
     mm = f.dtype  # matmul operand dtype
     scale = 1.0 / math.sqrt(D)
+    looped = len(edges) - 1 < n  # segments of several chunks: scans that stay loops
 
-    def make_step(kp):
-        k_seg = k_b[:, :kp]
+    def make_step(kp, k_all, seg_all):
+        k_seg = k_all[:, :kp]
         cols = jnp.arange(kp)
-        seg_cols = None if seg is None else seg[:, :kp]
+        seg_cols = None if seg_all is None else seg_all[:, :kp]
 
         def step(carry, i):
             s_buf, ctx, lse, inv = carry
@@ -363,119 +388,139 @@ def _chunked_forward(q_b, k_b, gamma, f, seg, c, edges, inverse):
             s_c = _inner("bij,bjd->bid", inv_c, f_c + g_c[..., None] * cross, mm)
             ctx_c = cross + _inner("bij,bjd->bid", a_cc, s_c, mm)
             s_buf = jax.lax.dynamic_update_slice_in_dim(s_buf, s_c.astype(mm), start, 1)
-            ctx = jax.lax.dynamic_update_slice_in_dim(ctx, ctx_c, start, 1)
+            ctx = jax.lax.dynamic_update_slice_in_dim(ctx, ctx_c.astype(ctx.dtype), start, 1)
             lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_c, start, 1)
-            inv = jax.lax.dynamic_update_index_in_dim(inv, inv_c.astype(inv.dtype), i, 1)
+            if inv is not None:
+                inv = jax.lax.dynamic_update_index_in_dim(inv, inv_c.astype(inv.dtype), i, 1)
             return (s_buf, ctx, lse, inv), None
 
         return step
 
     # The inverses are only ever used through _inner, which rounds them to a half-precision
-    # mm anyway: keep them in that dtype then (half the residual bytes, same numbers).
-    inv_dtype = mm if jnp.dtype(mm).itemsize < 4 else acc
+    # mm anyway: keep them in that dtype then (half the residual bytes, same numbers). ctx
+    # enters the backward pass only through row sums with float32 cotangents (delta, dgamma):
+    # half precision is enough there too. float32/64 inputs keep everything in acc.
+    low = mm if _half(mm) else acc
     carry = (
-        jnp.zeros_like(f), jnp.zeros((B, tp, D), acc), jnp.zeros((B, tp), acc),
-        jnp.zeros((B, n, c, c), inv_dtype),
+        jnp.zeros_like(f), jnp.zeros((B, tp, D), low), jnp.zeros((B, tp), acc),
+        jnp.zeros((B, n, c, c), low) if keep_inv else None,
     )
     for a, b in zip(edges[:-1], edges[1:]):
-        carry, _ = jax.lax.scan(make_step(b * c), carry, jnp.arange(a, b))
+        (k_all, seg_all), carry = _after((k_b, seg), carry, looped)
+        carry, _ = jax.lax.scan(make_step(b * c, k_all, seg_all), carry, jnp.arange(a, b))
     return carry
 
 
-def _chunked_fwd(q_b, k_b, gamma, f, seg, c, edges, inverse):
-    s, ctx, lse, inv = _chunked_forward(q_b, k_b, gamma, f, seg, c, edges, inverse)
+def _chunked_fwd(q_b, k_b, gamma, f, seg, c, edges, inverse, keep_inv):
+    s, ctx, lse, inv = _chunked_forward(q_b, k_b, gamma, f, seg, c, edges, inverse, keep_inv)
     # Named so that a remat policy (save_only_these_names(*RESIDUAL_NAMES)) can keep them.
     # The primal output is the named s itself: the layer's own use of s (after the solve)
     # then needs no recompute either, and s is kept once.
     s, ctx, lse, inv = (
-        checkpoint_name(x, name) for x, name in zip((s, ctx, lse, inv), RESIDUAL_NAMES)
+        None if x is None else checkpoint_name(x, name)
+        for x, name in zip((s, ctx, lse, inv), RESIDUAL_NAMES)
     )
     return s, (q_b, k_b, gamma, seg, s, ctx, lse, inv)
 
 
-def _chunked_bwd(c, edges, inverse, res, g_s):
+def _chunked_bwd(c, edges, inverse, keep_inv, res, g_s):
     """Reverse sweep over chunks.
 
-    With M = I - diag(gamma) alpha and G = dL/ds:
-      df = M^{-T} G                       (anti-causal, solved chunk by chunk from the end)
-      dO_t = gamma_t df_t;  Delta_t = dO_t . ctx_t
-      dscore[t, j] = alpha[t, j] (dO_t . s_j - Delta_t)
-      dq_b = dscore k_b / sqrt(D);  dk_b = dscore^T q_b / sqrt(D);  dgamma_t = df_t . ctx_t
+    With M = I - diag(gamma) alpha, W = diag(gamma) alpha (W[t, j] = gamma_t alpha[t, j])
+    and G = dL/ds:
+      df = M^{-T} G = G + W^T df          (anti-causal, solved chunk by chunk from the end)
+      e_t = df_t . ctx_t = dgamma_t
+      dscore[t, j] = alpha[t, j] gamma_t (df_t . s_j - e_t) = W[t, j] (df_t . s_j - e_t)
+      dq_b = dscore k_b / sqrt(D);  dk_b = dscore^T q_b / sqrt(D)
+    (the usual attention backward with dO_t = gamma_t df_t and Delta_t = gamma_t e_t, gamma
+    folded into the tile instead of a scaled copy of df).
     Step i handles key/column chunk i: once df is known for rows >= i*c, every row that reads
     chunk i is known, so dk_b for the chunk is final and its dq_b contribution is pushed out.
     Segment [a, b) only touches query rows >= a*c, the rows that can read its keys.
-    df, dk_b and dgamma are full-length carries written in place. With segment ids, the
-    forward's mask (own segment, strictly earlier) is applied to every alpha^T tile.
+    dk_b and dgamma are full-length carries written in place. With segment ids, the
+    forward's mask (own segment, strictly earlier) is applied to every W^T tile.
+
+    Memory: the only full-length float32 (B, T, D) buffer is the dq_b accumulator. G stays
+    in its dtype (each chunk's slice is cast). The row-side carries (df, e, dq) hold rows
+    >= r0 only and grow at each segment boundary (rows < r0 are still zero there); df is
+    the output. Without saved inverses (``keep_inv=False``) each chunk's is recomputed from
+    the diagonal block of its W^T tile. For half-precision inputs the W^T tile is kept in
+    that dtype (it is rounded to it for the products anyway).
     """
-    del inverse
     q_b, k_b, gamma, seg, s, ctx, lse, inv_all = res
     f_dtype = s.dtype  # s is returned in f's dtype
     B, tp, D = s.shape
     acc = _acc_dtype(f_dtype)
     mm = s.dtype  # matmul operand dtype
     scale = 1.0 / math.sqrt(D)
-    g_s = g_s.astype(acc)
+    n = tp // c
+    looped = len(edges) - 1 < n
 
-    def make_step(r0):
-        q_seg, lse_seg = q_b[:, r0:], lse[:, r0:]
+    def make_step(r0, q_seg, lse_seg, g_seg, seg_rows):
         rows = r0 + jnp.arange(tp - r0)
-        seg_rows = None if seg is None else seg[:, r0:]
+        g_cols = g_seg.astype(acc)[:, None, :]  # gamma_t of the tile's columns t >= r0
 
         def step(carry, i):
-            # d_o, delta, dq: rows >= r0 only; df, dk, dgamma: full length
-            (d_o, delta, dq), (df, dk, dgamma) = carry
+            # df, e, dq: rows >= r0 only; dk, dgamma: full length
+            (df, e, dq), (dk, dgamma) = carry
             start = i * c
             cols_j = start + jnp.arange(c)
             k_c = jax.lax.dynamic_slice_in_dim(k_b, start, c, axis=1)
             s_c = jax.lax.dynamic_slice_in_dim(s, start, c, axis=1)
-            ctx_c = jax.lax.dynamic_slice_in_dim(ctx, start, c, axis=1)
-            g_c = jax.lax.dynamic_slice_in_dim(gamma, start, c, axis=1).astype(acc)
-            gs_c = jax.lax.dynamic_slice_in_dim(g_s, start, c, axis=1)
-            # alpha^T block: rows = keys j of this chunk, columns = queries t >= r0.
+            ctx_c = jax.lax.dynamic_slice_in_dim(ctx, start, c, axis=1).astype(acc)
+            gs_c = jax.lax.dynamic_slice_in_dim(g_s, start, c, axis=1).astype(acc)
+            # W^T block: rows = keys j of this chunk, columns = queries t >= r0.
             scores_t = jnp.einsum("bjd,btd->bjt", k_c, q_seg, preferred_element_type=acc) * scale
             seg_j = None if seg is None else jax.lax.dynamic_slice_in_dim(seg, start, c, axis=1)
             valid = visible(rows, cols_j, seg_rows, seg_j, strict=True, keys_first=True)
-            alpha_t = jnp.where(valid, jnp.exp(scores_t - lse_seg[:, None, :]), 0.0)
-            # d_o is zero on rows not yet solved, so this reads later chunks only.
-            rhs = gs_c + jnp.einsum(
-                "bjt,btd->bjd", alpha_t.astype(mm), d_o, preferred_element_type=acc
-            )
+            w_t = jnp.where(valid, jnp.exp(scores_t - lse_seg[:, None, :]), 0.0) * g_cols
             local = start - r0
-            inv_c = jax.lax.dynamic_index_in_dim(inv_all, i, axis=1, keepdims=False)
+            if inv_all is not None:
+                inv_c = jax.lax.dynamic_index_in_dim(inv_all, i, axis=1, keepdims=False)
+            else:  # the chunk's own block of W^T is (diag(gamma_c) A_cc)^T
+                n_cc = jnp.swapaxes(jax.lax.dynamic_slice_in_dim(w_t, local, c, axis=2), 1, 2)
+                inv_c = _block_inverse(n_cc, inverse, mm)
+            if _half(mm):
+                w_t = w_t.astype(mm)
+            # df is zero on rows not yet solved, so this reads later chunks only.
+            rhs = gs_c + jnp.einsum("bjt,btd->bjd", w_t.astype(mm), df, preferred_element_type=acc)
             df_c = _inner("bji,bjd->bid", inv_c, rhs, mm)  # (I - diag(g) A_cc)^{-T} rhs
-            do_c = g_c[..., None] * df_c
-            d_o = jax.lax.dynamic_update_slice_in_dim(d_o, do_c.astype(mm), local, 1)
-            delta = jax.lax.dynamic_update_slice_in_dim(
-                delta, jnp.sum(do_c * ctx_c, axis=-1), local, 1
-            )
-            dp = jnp.einsum("bjd,btd->bjt", s_c, d_o, preferred_element_type=acc)
-            ds_t = (alpha_t * (dp - delta[:, None, :])).astype(mm)  # dscore^T block
+            e_c = jnp.sum(df_c * ctx_c, axis=-1)
+            df = jax.lax.dynamic_update_slice_in_dim(df, df_c.astype(f_dtype), local, 1)
+            e = jax.lax.dynamic_update_slice_in_dim(e, e_c, local, 1)
+            dp = jnp.einsum("bjd,btd->bjt", s_c, df, preferred_element_type=acc)
+            ds_t = (w_t * (dp - e[:, None, :])).astype(mm)  # dscore^T block
             dk_c = jnp.einsum("bjt,btd->bjd", ds_t, q_seg, preferred_element_type=acc) * scale
             dq = dq + jnp.einsum("bjt,bjd->btd", ds_t, k_c, preferred_element_type=acc) * scale
-            df = jax.lax.dynamic_update_slice_in_dim(df, df_c.astype(f_dtype), start, 1)
             dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_c.astype(k_b.dtype), start, 1)
             dgamma = jax.lax.dynamic_update_slice_in_dim(
-                dgamma, jnp.sum(df_c * ctx_c, axis=-1).astype(gamma.dtype), start, 1
+                dgamma, e_c.astype(gamma.dtype), start, 1
             )
-            return ((d_o, delta, dq), (df, dk, dgamma)), None
+            return ((df, e, dq), (dk, dgamma)), None
 
         return step
 
-    d_o = jnp.zeros((B, tp, D), mm)
-    delta = jnp.zeros((B, tp), acc)
-    dq = jnp.zeros((B, tp, D), acc)
-    outs = (jnp.zeros((B, tp, D), f_dtype), jnp.zeros((B, tp, D), k_b.dtype),
-            jnp.zeros((B, tp), gamma.dtype))
+    outs = (jnp.zeros((B, tp, D), k_b.dtype), jnp.zeros((B, tp), gamma.dtype))
+    rows_carry = (jnp.zeros((B, 0, D), f_dtype), jnp.zeros((B, 0), acc),
+                  jnp.zeros((B, 0, D), acc))
     for a, b in reversed(list(zip(edges[:-1], edges[1:]))):
         r0 = a * c
-        carry = ((d_o[:, r0:], delta[:, r0:], dq[:, r0:]), outs)
-        ((d_o_seg, delta_seg, dq_seg), outs), _ = jax.lax.scan(
-            make_step(r0), carry, jnp.arange(a, b), reverse=True
+        # Grow the row-side carries to rows >= r0 (the new rows are still zero), then take
+        # this segment's slices of the saved rows, both only once the previous segment is done.
+        grow = (tp - r0) - rows_carry[0].shape[1]
+        rows_carry = tuple(
+            jnp.concatenate([jnp.zeros(x.shape[:1] + (grow,) + x.shape[2:], x.dtype), x], 1)
+            for x in rows_carry
         )
-        d_o = d_o.at[:, r0:].set(d_o_seg)
-        delta = delta.at[:, r0:].set(delta_seg)
-        dq = dq.at[:, r0:].set(dq_seg)
-    df, dk, dgamma = outs
+        (q_all, lse_all, g_all, seg_all), (rows_carry, outs) = _after(
+            (q_b, lse, gamma, seg), (rows_carry, outs), looped)
+        seg_rows = None if seg_all is None else seg_all[:, r0:]
+        step = make_step(r0, q_all[:, r0:], lse_all[:, r0:], g_all[:, r0:], seg_rows)
+        (rows_carry, outs), _ = jax.lax.scan(
+            step, (rows_carry, outs), jnp.arange(a, b), reverse=True
+        )
+    df, _, dq = rows_carry
+    dk, dgamma = outs
     return dq.astype(q_b.dtype), dk, dgamma, df, None
 
 
