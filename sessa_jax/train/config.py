@@ -631,7 +631,7 @@ _MODEL_FREE = ("scan_layers",)
 # architecture field are not in this list.
 EXECUTION_FIELDS = ("attention_impl", "feedback_impl", "chunk_size", "feedback_segments",
                     "feedback_inverse", "feedback_unroll", "scan_impl", "ssm_chunk_size", "ssd_chunk_size",
-                    "ssd_impl", "remat", "loss_chunk_size", "dtype")
+                    "ssd_impl", "remat", "layer_remat", "loss_chunk_size", "dtype")
 
 
 def check_resume_compatible(saved: TrainConfig, new: TrainConfig) -> list[str]:
