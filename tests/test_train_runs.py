@@ -144,6 +144,7 @@ def test_profile_trace_and_goodput_summary(reference_run):
     assert sum(g[k] for k in parts) == pytest.approx(g["total_sec"], rel=1e-6), g
     assert g["mfu"] is None and "MFU n/a" in out  # a CPU has no known peak
     assert g["tokens_per_sec"] > 0 and 0 < g["goodput"] <= 1
+    assert 0 < g["data_first_sec"] <= g["data_sec"], g  # the start-up wait, told apart
 
 
 def test_sigterm_resume_across_meshes_and_corrupt_checkpoint(config, reference, tmp_path):

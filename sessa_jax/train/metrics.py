@@ -285,6 +285,7 @@ class Goodput:
         self._spans: list[tuple[float, float]] = []  # (start, end) of each compile event
         self.cache_hits = self.cache_writes = 0
         self.sec = {b: 0.0 for b in self.BUCKETS}
+        self.first: dict[str, float] = {}  # each bucket's first span (the pipeline's start-up)
         self._mon = jax.monitoring
         self._mon.register_event_duration_secs_listener(self._on_duration)
         self._mon.register_event_listener(self._on_event)
@@ -341,7 +342,9 @@ class Goodput:
 
     def add(self, bucket: str, t0: float, t1: float) -> None:
         """Add the wall time [t0, t1] (less compiles in it) to ``bucket``."""
-        self.sec[bucket] += max(0.0, t1 - t0 - self.compile_between(t0, t1))
+        dt = max(0.0, t1 - t0 - self.compile_between(t0, t1))
+        self.first.setdefault(bucket, dt)
+        self.sec[bucket] += dt
 
     def timing(self, bucket: str) -> "Goodput._Timer":
         """``with goodput.timing('data'): ...`` adds the block's time (less compiles) there."""
@@ -355,6 +358,9 @@ class Goodput:
         step = max(0.0, total - lost)
         out = {"total_sec": total, "compile_sec": comp,
                **{f"{b}_sec": v for b, v in self.sec.items()}, "step_sec": step,
+               # the first batch's wait (workers starting, first reads), inside data_sec: a
+               # per-step input stall is data_sec - data_first_sec
+               "data_first_sec": self.first.get("data", 0.0),
                "goodput": step / total if total > 0 else None,
                "tokens_per_sec": tokens / total if total > 0 else None,
                "step_tokens_per_sec": tokens / step if step > 0 else None,
