@@ -336,8 +336,11 @@ def test_remat_options_give_same_loss_and_grads(family):
     tokens = jax.random.randint(jax.random.key(0), (2, 5), 0, 32)  # 4 inputs: 2 Sessa chunks
     ref_loss, ref_g = _loss_and_grads(_tiny(family, remat="none"), tokens)
     assert np.isfinite(float(ref_loss))
-    for remat in ("full", "dots"):
-        loss, g = _loss_and_grads(_tiny(family, remat=remat), tokens)
+    # Sessa's staged layer backward, alone and under block remat (they compose)
+    staged = (("none", "staged"), ("full", "staged")) if family == "sessa" else ()
+    for remat, layer_remat in (("full", "none"), ("dots", "none")) + staged:
+        kw = dict(layer_remat=layer_remat) if family == "sessa" else {}
+        loss, g = _loss_and_grads(_tiny(family, remat=remat, **kw), tokens)
         np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                      jax.tree.leaves(g), jax.tree.leaves(ref_g))
