@@ -234,7 +234,8 @@ def plot(path: str, rows: Sequence[LagRow], trained_length: Optional[int] = None
         ax.set(xlabel="lag (query position - key position, tokens)", ylabel=title,
                title=f"passkey {title} vs lag", ylim=(-0.02, 1.02))
         if trained_length:
-            ax.axvline(trained_length, color="gray", ls="-.", lw=1)
+            ax.axvline(trained_length, color="gray", ls="-.", lw=1,
+                       label="trained length" if ax is axes[0] else None)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
