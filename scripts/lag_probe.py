@@ -9,7 +9,8 @@ For each run: N held-out ("test" split) examples per lag, the key placed lag tok
 query (lag grid log-spaced over what each length allows; see sessa_jax/science/lag_probe.py),
 digit and whole-key accuracy; then the influence curve of the run at its trained length
 (sessa_jax/science/influence.py) with power-law and exponential fits. Writes
-OUT/lag_accuracy.csv (family, run, length, lag, n, digit_acc, key_acc), OUT/accuracy_vs_lag.png
+OUT/lag_accuracy.csv (family, run, length, lag, n, digit_acc, key_acc), OUT/lag_accuracy.md
+(the same as tables), OUT/accuracy_vs_lag.png
 and OUT/influence.csv, fits.csv, influence.png.
 """
 
@@ -21,7 +22,8 @@ import sys
 
 from sessa_jax.science.influence import checkpoint_influence, report
 from sessa_jax.science.lag_probe import (LagProbeError, checkpoint_lag_accuracy,
-                                         load_passkey_run, plot, write_csv)
+                                         load_passkey_run, plot, write_csv,
+                                         write_markdown)
 
 
 def main(argv=None) -> int:
@@ -54,6 +56,7 @@ def main(argv=None) -> int:
             name, fam, lags, v = checkpoint_influence(run, None, seeds=range(a.influence_seeds))
             curves.append((fam, name, lags, v))
     write_csv(os.path.join(a.out, "lag_accuracy.csv"), rows)
+    write_markdown(os.path.join(a.out, "lag_accuracy.md"), rows)
     plot(os.path.join(a.out, "accuracy_vs_lag.png"), rows, trained_length=min(trained))
     print(f"{'run':28s} {'length':>6s} {'lag':>5s} {'n':>5s} {'digit':>6s} {'key':>6s}")
     for r in rows:
@@ -68,7 +71,7 @@ def main(argv=None) -> int:
             print(f"{f.name:28s} lags {f.lag_min}..{f.lag_max}: power slope "
                   f"{f.power_slope:.4f} (R2 {f.power_r2:.4f}), exp slope {f.exp_slope:.4g} "
                   f"(R2 {f.exp_r2:.4f}) -> {f.better}")
-    print(f"wrote {a.out}/lag_accuracy.csv, accuracy_vs_lag.png"
+    print(f"wrote {a.out}/lag_accuracy.csv, lag_accuracy.md, accuracy_vs_lag.png"
           + (", influence.csv, fits.csv, influence.png" if curves else ""))
     return 0
 

@@ -12,7 +12,9 @@ from sessa_jax.data.config import DataConfig, PasskeyConfig
 from sessa_jax.data.tasks.passkey import DIGIT0, PasskeyTask
 from sessa_jax.science.lag_probe import (COLUMNS, LagProbeError, depth_for_lag, lag_accuracy,
                                          lag_grid, lag_range, load_passkey_run, measured_lag,
-                                         model_predictor, plot, probe_batch, score, write_csv)
+                                         model_predictor, plot, probe_batch, read_csv, score,
+                                         write_csv,
+                                         write_markdown)
 
 K = 5
 
@@ -96,6 +98,13 @@ def test_lag_accuracy_csv_and_plot(tmp_path):
     assert tuple(got[0]) == COLUMNS
     assert [int(r["lag"]) for r in got if r["family"] == "oracle"] == lags
     assert {int(r["length"]) for r in got} == {64}
+    back = read_csv(str(tmp_path / "lag_accuracy.csv"))
+    assert [(r.lag, r.n, r.key_acc) for r in back] == [(r.lag, r.n, r.key_acc)
+                                                        for r in rows + blind]
+    write_markdown(str(tmp_path / "lag_accuracy.md"), rows + blind)
+    md = (tmp_path / "lag_accuracy.md").read_text().splitlines()
+    assert md[2] == "| family | run | " + " | ".join(f"lag {l}" for l in lags) + " |"
+    assert md[4] == "| oracle | copy | " + " | ".join(["100 / 100"] * len(lags)) + " |"
     plot(str(tmp_path / "accuracy_vs_lag.png"), rows + blind, trained_length=64)
     assert os.path.getsize(tmp_path / "accuracy_vs_lag.png") > 1000
 

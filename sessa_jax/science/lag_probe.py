@@ -206,6 +206,34 @@ def write_csv(path: str, rows: Sequence[LagRow]) -> None:
                         f"{r.key_acc:.4f}"])
 
 
+def read_csv(path: str) -> list[LagRow]:
+    """The rows of a lag_accuracy.csv (accuracies as written, 4 decimals)."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [LagRow(r["family"], r["run"], int(r["length"]), int(r["lag"]), int(r["n"]),
+                       float(r["digit_acc"]), float(r["key_acc"])) for r in csv.DictReader(fh)]
+
+
+def write_markdown(path: str, rows: Sequence[LagRow]) -> None:
+    """One table per length: a row per run, a column per lag, "digit / key" accuracy in %."""
+    lines = []
+    for L in sorted({r.length for r in rows}):
+        sel = [r for r in rows if r.length == L]
+        lags = sorted({r.lag for r in sel})
+        runs = list(dict.fromkeys((r.family, r.run) for r in sel))
+        lines += [f"Length {L} (digit / whole-key accuracy, %, n = "
+                  f"{max(r.n for r in sel)} per lag):", "",
+                  "| family | run | " + " | ".join(f"lag {l}" for l in lags) + " |",
+                  "|" + "---|" * (2 + len(lags))]
+        for fam, run in runs:
+            cell = {r.lag: r for r in sel if (r.family, r.run) == (fam, run)}
+            lines.append(f"| {fam} | {run} | " + " | ".join(
+                f"{100 * cell[l].digit_acc:.0f} / {100 * cell[l].key_acc:.0f}" if l in cell
+                else "-" for l in lags) + " |")
+        lines.append("")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines))
+
+
 def plot(path: str, rows: Sequence[LagRow], trained_length: Optional[int] = None) -> None:
     """Digit and key accuracy vs lag, one colour per run; dashed = beyond the trained length."""
     import matplotlib
