@@ -57,8 +57,9 @@ class MambaCache:
     pos: jax.Array
 
 
-def _dt_bias_init(cfg: MambaConfig):
-    """Bias b with softplus(b) ~ log-uniform in [dt_min, dt_max] (inverse softplus of dt)."""
+def dt_bias_init(cfg):
+    """Bias b with softplus(b) ~ log-uniform in [dt_min, dt_max] (inverse softplus of dt);
+    ``cfg``: any config with dt_min, dt_max (Mamba and Mamba-2)."""
     lo, hi = math.log(cfg.dt_min), math.log(cfg.dt_max)
 
     def init(key, shape, dtype=jnp.float32):
@@ -96,7 +97,7 @@ class MambaBlock(nnx.Module):
         self.x_proj = linear(E, R + 2 * N, ("mlp", None), use_bias=False, **kw)
         # torch_uniform(R) is U(+-R^-1/2): Mamba's "random" dt_proj weight init with dt_scale=1.
         self.dt_proj = linear(R, E, (None, "mlp"), use_bias=True, **kw)
-        self.dt_proj.bias[...] = _dt_bias_init(cfg)(rngs.params(), (E,), pdt)
+        self.dt_proj.bias[...] = dt_bias_init(cfg)(rngs.params(), (E,), pdt)
         self.A_log = nnx.Param(logical(_a_log_init, ("mlp", "state"))(rngs.params(), (E, N), pdt))
         self.D = nnx.Param(logical(nnx.initializers.ones_init(), ("mlp",))(rngs.params(), (E,), pdt))
         self.out_proj = linear(E, D, ("mlp", "embed"), use_bias=False, **kw)

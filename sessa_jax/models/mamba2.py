@@ -34,7 +34,6 @@ norm_weight (E,) ("norm",); out_proj.kernel (E, D) ("mlp", "embed").
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import jax
@@ -43,11 +42,11 @@ from flax import nnx, struct
 
 from sessa_jax.models.config import Mamba2Config, to_dtype
 from sessa_jax.models.layers import layer_norm, linear, logical, torch_uniform
+from sessa_jax.models.mamba import dt_bias_init
 from sessa_jax.models.partitioning import constrain
 from sessa_jax.ops.segments import segment_starts
 from sessa_jax.ops.ssd import causal_conv, ssd, ssd_step
 
-_DT_INIT_FLOOR = 1e-4
 _A_INIT_RANGE = (1.0, 16.0)
 
 
@@ -64,18 +63,6 @@ class Mamba2Cache:
     conv: jax.Array
     ssm: jax.Array
     pos: jax.Array
-
-
-def _dt_bias_init(cfg: Mamba2Config):
-    """b with softplus(b) ~ log-uniform in [dt_min, dt_max]: b = softplus^-1(dt)."""
-    lo, hi = math.log(cfg.dt_min), math.log(cfg.dt_max)
-
-    def init(key, shape, dtype=jnp.float32):
-        u = jax.random.uniform(key, shape, jnp.float32)
-        dt = jnp.maximum(jnp.exp(u * (hi - lo) + lo), _DT_INIT_FLOOR)
-        return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)  # stable for small dt
-
-    return init
 
 
 def _a_log_init(key, shape, dtype=jnp.float32):
@@ -98,7 +85,7 @@ class Mamba2Block(nnx.Module):
         self.bcdt_proj = linear(D, F - E + H, ("embed", None), use_bias=False, **kw)
         self.conv_kernel = par(torch_uniform(K), ("conv", None), (K, F))  # fan_in K: depthwise
         self.conv_bias = par(torch_uniform(K), (None,), (F,))
-        self.dt_bias = par(_dt_bias_init(cfg), (None,), (H,))
+        self.dt_bias = par(dt_bias_init(cfg), (None,), (H,))
         self.A_log = par(_a_log_init, (None,), (H,))
         self.D = par(nnx.initializers.ones_init(), (None,), (H,))
         self.norm_weight = par(nnx.initializers.ones_init(), ("norm",), (E,))
