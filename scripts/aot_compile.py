@@ -3,6 +3,10 @@
 
     python scripts/aot_compile.py --config configs/pods/sessa-1b-v5p-128.yaml --topology v5p:4x4x4
     python scripts/aot_compile.py --config cfg.yaml --topology v5e:2x2 run.global_batch_size=64
+    python scripts/aot_compile.py --config configs/gpu/sessa-125m-1m.yaml --topology local
+
+``--topology local`` compiles for the devices this process sees (a GPU, or the CPU) and checks
+the program against the first device's memory limit: will this config fit before a run starts?
 
 TPU devices come from ``jax.experimental.topologies.get_topology_desc`` (needs libtpu:
 ``pip install "sessa_jax[tpu]"``; no TPU is needed). The mesh of the config is laid over those
@@ -61,7 +65,8 @@ def does_not_fit(need: float, have: float) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="training config YAML")
-    p.add_argument("--topology", required=True, help="TPU slice, e.g. v5e:2x2, v5p:4x4x8")
+    p.add_argument("--topology", required=True,
+                   help="TPU slice, e.g. v5e:2x2, v5p:4x4x8; or 'local' for this machine's devices")
     p.add_argument("--hbm-gib", type=float, default=None, help="override the chip's HBM (GiB)")
     p.add_argument("--show-error", action="store_true",
                    help="print XLA's whole out-of-memory report (largest buffers and their ops)")
@@ -70,16 +75,18 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = p.parse_args(argv)
 
-    gen, chips = parse_topology(args.topology)
-    hbm_gib, acc_prefix = CHIPS[gen]
-    hbm = (args.hbm_gib or hbm_gib) * GiB
-    # libtpu reads these; without them it probes GCE metadata and logs noise.
-    cores = chips * (2 if gen in ("v4", "v5p") else 1)
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{acc_prefix}-{cores}")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # parallel compiles share no lock
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host backend; TPU only via the topology
+    local = args.topology.strip().lower() == "local"
+    if not local:
+        gen, chips = parse_topology(args.topology)
+        hbm_gib, acc_prefix = CHIPS[gen]
+        hbm = (args.hbm_gib or hbm_gib) * GiB
+        # libtpu reads these; without them it probes GCE metadata and logs noise.
+        cores = chips * (2 if gen in ("v4", "v5p") else 1)
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{acc_prefix}-{cores}")
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # parallel compiles share no lock
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host backend; TPU only via the topology
 
     import jax
 
@@ -91,18 +98,33 @@ def main(argv=None) -> int:
         print(f"aot_compile: config error: {e}", file=sys.stderr)
         return 2
 
-    try:
-        from jax.experimental import topologies
-        topo = topologies.get_topology_desc(topology_name=args.topology, platform="tpu")
-        devices = list(topo.devices)
-    except Exception as e:  # no libtpu, or a topology libtpu does not know
-        print(f"aot_compile: cannot get TPU topology {args.topology!r}: "
-              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
-              "  (AOT compilation needs libtpu: pip install 'sessa_jax[tpu]')", file=sys.stderr)
-        return 3
-    if len(devices) != chips:
-        print(f"note: topology {args.topology} has {len(devices)} devices "
-              f"(expected {chips} chips)")
+    if local:
+        devices = jax.devices()
+        chips = len(devices)
+        gen = devices[0].platform
+        stats = devices[0].memory_stats() or {}
+        if args.hbm_gib:
+            hbm = args.hbm_gib * GiB
+        elif "bytes_limit" in stats:
+            hbm = float(stats["bytes_limit"])
+        else:
+            print("aot_compile: the local device reports no memory limit; pass --hbm-gib",
+                  file=sys.stderr)
+            return 2
+    else:
+        try:
+            from jax.experimental import topologies
+            topo = topologies.get_topology_desc(topology_name=args.topology, platform="tpu")
+            devices = list(topo.devices)
+        except Exception as e:  # no libtpu, or a topology libtpu does not know
+            print(f"aot_compile: cannot get TPU topology {args.topology!r}: "
+                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
+                  "  (AOT compilation needs libtpu: pip install 'sessa_jax[tpu]')",
+                  file=sys.stderr)
+            return 3
+        if len(devices) != chips:
+            print(f"note: topology {args.topology} has {len(devices)} devices "
+                  f"(expected {chips} chips)")
 
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
@@ -192,8 +214,8 @@ def main(argv=None) -> int:
           f"{flops_chip * len(devices):.4g} total; analytic 6N+mixing "
           f"{analytic * tokens:.4g} ({analytic:.4g} per token)")
     # MFU by the analytic model FLOPs (XLA counts remat recompute and may count loop bodies once)
-    peak = peak_flops(gen)  # bf16 FLOP/s per chip
-    for mfu in (0.4, 0.6):
+    peak = peak_flops(devices[0].device_kind if local else gen)  # bf16 FLOP/s per chip
+    for mfu in (0.4, 0.6) if peak else ():
         tps = mfu * peak * len(devices) / analytic
         print(f"  at {int(mfu * 100)}% MFU: {tps:,.0f} tokens/s "
               f"({tps / len(devices):,.0f} per chip), {tokens / tps:.2f} s per step")
@@ -205,7 +227,7 @@ def main(argv=None) -> int:
         import jaxlib
         rec = {
             "date": datetime.date.today().isoformat(), "config": args.config,
-            "topology": args.topology, "overrides": args.overrides, "chips": len(devices),
+            "topology": args.topology, "device_kind": devices[0].device_kind, "overrides": args.overrides, "chips": len(devices),
             "hosts": hosts, "mesh": describe(mesh), "params": n_params,
             "global_batch": G, "seq_len": T, "remat": cfg.model.remat,
             "bytes_per_chip": {"arguments": arg, "outputs": out, "aliased": alias,
@@ -213,7 +235,7 @@ def main(argv=None) -> int:
             "hbm_bytes": hbm, "fits": need <= hbm, "xla_flops_per_chip": flops_chip,
             "analytic_flops_per_token": analytic,
             "tokens_per_sec_at_40_60_mfu": [0.4 * peak * len(devices) / analytic,
-                                            0.6 * peak * len(devices) / analytic],
+                                            0.6 * peak * len(devices) / analytic] if peak else None,
             "compile_sec": t2 - t1, "compile_cpu_sec": cpu, "lower_sec": t1 - t0,
             "scan_layers": cfg.model.scan_layers, "hlo": hlo,
             "jax": _jax.__version__, "jaxlib": jaxlib.__version__,

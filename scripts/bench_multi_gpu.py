@@ -77,6 +77,9 @@ def run_one(args, n: int, batch: int, workdir: str) -> dict:
         "data_wait_frac": goodput.get("data_sec", 0.0) / busy if busy > 0 else None,
         # without the first batch (pipeline start-up): the per-step stall issue 16 targets
         "data_wait_frac_after_first": _after_first(goodput, busy),
+        # the fetches that found the device idle (Goodput.stall), first batch excluded: the
+        # share of time the input pipeline can have kept the device waiting
+        "device_wait_frac_after_first": _after_first(goodput, busy, "data_stall_sec"),
         "goodput": goodput,
         "devices": n, "global_batch": batch, "per_device_batch": batch / n,
         "tokens_per_sec": tps, "tokens_per_sec_per_device": tps / n,
@@ -85,10 +88,12 @@ def run_one(args, n: int, batch: int, workdir: str) -> dict:
     }
 
 
-def _after_first(goodput: dict, busy: float):
+def _after_first(goodput: dict, busy: float, key: str = "data_sec"):
+    if key not in goodput:
+        return None
     first = goodput.get("data_first_sec") or 0.0
     rest = busy - first
-    return (goodput.get("data_sec", 0.0) - first) / rest if rest > 0 else None
+    return max(0.0, goodput[key] - first) / rest if rest > 0 else None
 
 
 def main(argv=None) -> int:
@@ -147,16 +152,18 @@ def main(argv=None) -> int:
     print(f"\n{device_name}, {cfg.model.family} d_model={cfg.model.d_model} "
           f"n_layers={cfg.model.n_layers}, T={cfg.data.seq_len}, {args.steps} steps per run")
     print(f"{'devices':>7} {'mode':>6} {'batch':>5} {'tokens/s':>11} {'per dev':>10} "
-          f"{'speed-up':>8} {'MFU':>6} {'data wait (all / after 1st batch)':>34}")
+          f"{'speed-up':>8} {'MFU':>6} {'host data time (all / after 1st)':>34} {'device idle on data':>20}")
     for r in results:
         speed = r["tokens_per_sec"] / base["tokens_per_sec"]
         r["speedup_vs_1"] = speed
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        idle = (f"{r['device_wait_frac_after_first']:.2%}"
+                if r.get("device_wait_frac_after_first") is not None else "n/a")
         wait = " / ".join(f"{r[k]:.2%}" if r.get(k) is not None else "n/a"
                           for k in ("data_wait_frac", "data_wait_frac_after_first"))
         print(f"{r['devices']:>7} {r['mode']:>6} {r['global_batch']:>5} "
               f"{r['tokens_per_sec']:>11,.0f} {r['tokens_per_sec_per_device']:>10,.0f} "
-              f"{speed:>7.2f}x {mfu:>6} {wait:>34}")
+              f"{speed:>7.2f}x {mfu:>6} {wait:>34} {idle:>20}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

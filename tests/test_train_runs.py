@@ -145,6 +145,31 @@ def test_profile_trace_and_goodput_summary(reference_run):
     assert g["mfu"] is None and "MFU n/a" in out  # a CPU has no known peak
     assert g["tokens_per_sec"] > 0 and 0 < g["goodput"] <= 1
     assert 0 < g["data_first_sec"] <= g["data_sec"], g  # the start-up wait, told apart
+    # the first fetch had no step to overlap with; the device-idle part is inside data_sec
+    assert g["data_first_sec"] <= g["data_stall_sec"] <= g["data_sec"], g
+
+
+def test_goodput_counts_a_fetch_as_a_stall_only_when_the_device_is_idle():
+    """Goodput.stall: host time fetching a batch while the last step still runs is overlapped
+    with it, not a wait; a fetch that ends with that step done (or before any step) is."""
+    from sessa_jax.train.metrics import Goodput
+
+    class Step:  # stands in for a jax.Array output of the newest dispatched step
+        def __init__(self, done):
+            self.done = done
+
+        def is_ready(self):
+            return self.done
+
+    g = Goodput()
+    try:
+        g.stall(0.5, None)  # before the first step: nothing could overlap
+        g.stall(0.25, Step(done=False))  # the device was busy throughout
+        g.stall(0.125, Step(done=True))  # the device ran out of work
+        assert g.data_stall == pytest.approx(0.625)
+        assert g.report(1, 1.0, None)["data_stall_sec"] == pytest.approx(0.625)
+    finally:
+        g.close()
 
 
 def test_sigterm_resume_across_meshes_and_corrupt_checkpoint(config, reference, tmp_path):

@@ -418,7 +418,7 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin, goodput) -> RunResu
 
     state_ref = [state]  # handle() evaluates the params of the newest state
     stopped_by = None
-    k, pending = start, None
+    k, pending, last_out = start, None, None
     sleep = float(os.environ.get("SESSA_DEBUG_STEP_SLEEP", "0") or 0)
     profile = Profile(run_dir, cfg.run.profile_steps, goodput)
     goodput.add("setup", t_begin, time.perf_counter())
@@ -428,12 +428,14 @@ def _train(cfg, run_dir, task, setup, ckpt, writer, t_begin, goodput) -> RunResu
                 if sleep:
                     time.sleep(sleep)
                 profile.before_step(k)
-                with goodput.timing("data"):
-                    batch = global_batch(step_batch(next(it)), sharding, G)
+                t_fetch = time.perf_counter()
+                batch = global_batch(step_batch(next(it)), sharding, G)
+                goodput.stall(goodput.add("data", t_fetch, time.perf_counter()), last_out)
                 # the forward pass of the step about to be logged, before its update (donation)
                 log_next = (k + 1) % cfg.run.log_every == 0 or k + 1 == total
                 st = stats_step(state.params, batch) if stats_step and log_next else None
                 new_state, m = train_step(state, batch)
+                last_out = next(iter(jax.tree.leaves(m)), None)  # ready when the step is done
                 if st is not None:
                     m = {**m, **st}
                 state, k = new_state, k + 1  # together: (k, state) is always a finished step

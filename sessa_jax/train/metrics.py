@@ -274,6 +274,11 @@ class Goodput:
     input pipeline), ``checkpoint`` (saving and waiting for saves), ``eval``, ``profile``.
     ``step`` is the rest: dispatching and running training steps. They add up to the wall time.
     Also counts persistent compilation cache hits and misses (writes).
+
+    ``data`` is host time: with asynchronous dispatch the device is usually still running the
+    previous step while the host fetches the next batch. ``data_stall`` (:meth:`stall`) is the
+    part of it that can have kept the device waiting: fetches that ended with nothing left
+    queued on the device (an upper bound on the device's wait for input).
     """
 
     BUCKETS = ("setup", "data", "checkpoint", "eval", "profile")
@@ -286,6 +291,7 @@ class Goodput:
         self.cache_hits = self.cache_writes = 0
         self.sec = {b: 0.0 for b in self.BUCKETS}
         self.first: dict[str, float] = {}  # each bucket's first span (the pipeline's start-up)
+        self.data_stall = 0.0
         self._mon = jax.monitoring
         self._mon.register_event_duration_secs_listener(self._on_duration)
         self._mon.register_event_listener(self._on_event)
@@ -340,11 +346,20 @@ class Goodput:
         def __exit__(self, *exc):
             self.owner.add(self.bucket, self.t, time.perf_counter())
 
-    def add(self, bucket: str, t0: float, t1: float) -> None:
-        """Add the wall time [t0, t1] (less compiles in it) to ``bucket``."""
+    def add(self, bucket: str, t0: float, t1: float) -> float:
+        """Add the wall time [t0, t1] (less compiles in it) to ``bucket``; returns it."""
         dt = max(0.0, t1 - t0 - self.compile_between(t0, t1))
         self.first.setdefault(bucket, dt)
         self.sec[bucket] += dt
+        return dt
+
+    def stall(self, dt: float, last_output) -> None:
+        """A fetch of ``dt`` seconds just ended; ``last_output`` is an array the newest dispatched
+        step computes (None before the first step). If that step is already done, the device
+        has had nothing to run for up to ``dt``: count it as a stall."""
+        ready = getattr(last_output, "is_ready", None)
+        if last_output is None or ready is None or ready():
+            self.data_stall += dt
 
     def timing(self, bucket: str) -> "Goodput._Timer":
         """``with goodput.timing('data'): ...`` adds the block's time (less compiles) there."""
@@ -361,6 +376,8 @@ class Goodput:
                # the first batch's wait (workers starting, first reads), inside data_sec: a
                # per-step input stall is data_sec - data_first_sec
                "data_first_sec": self.first.get("data", 0.0),
+               # fetches that left the device idle (see the class docstring), first included
+               "data_stall_sec": self.data_stall,
                "goodput": step / total if total > 0 else None,
                "tokens_per_sec": tokens / total if total > 0 else None,
                "step_tokens_per_sec": tokens / step if step > 0 else None,
@@ -382,6 +399,8 @@ def goodput_line(g: dict) -> str:
         if name in ("step", "compile", "data", "checkpoint") or v >= 0.05:
             label = "training steps" if name == "step" else name
             parts.append(f"{label} {v:.1f}s ({v / total:.0%})")
+            if name == "data" and g.get("data_stall_sec") is not None:
+                parts[-1] += f" [device idle on data {g['data_stall_sec']:.1f}s]"
     mfu = ("MFU n/a (unknown device peak)" if g.get("mfu") is None else
            f"MFU {g['mfu']:.1%} over the session, {g['step_mfu']:.1%} over training steps")
     cache = g.get("compilation_cache") or {}
