@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from sessa_jax.ops.attention import ATTENTION_IMPLS, AttentionImpl, check_attention_impl
 
-FeedbackImpl = Literal["dense", "chunked"]
+FeedbackImpl = Literal["dense", "chunked", "pallas"]
 Family = Literal["sessa", "transformer", "mamba", "mamba2"]
 FAMILY_NAMES = ("sessa", "transformer", "mamba", "mamba2")
 Remat = Literal["none", "full", "dots", "save_feedback"]
@@ -111,9 +111,9 @@ class SessaConfig:
                 f"feedback_qk_norm={self.feedback_qk_norm!r}: expected true or false")
         if not (isinstance(self.gamma_max, (int, float)) and 0.0 < self.gamma_max < 1.0):
             raise ValueError(f"gamma_max={self.gamma_max!r}: expected a number in (0, 1)")
-        if self.feedback_impl not in ("dense", "chunked"):
+        if self.feedback_impl not in ("dense", "chunked", "pallas"):
             raise ValueError(
-                f"feedback_impl={self.feedback_impl!r}: expected 'dense' or 'chunked'"
+                f"feedback_impl={self.feedback_impl!r}: expected 'dense', 'chunked' or 'pallas'"
             )
         _check_positive("chunk_size", self.chunk_size)
         _check_positive("feedback_segments", self.feedback_segments)

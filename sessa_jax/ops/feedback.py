@@ -45,7 +45,7 @@ from jax.scipy.linalg import solve_triangular
 
 from sessa_jax.ops.segments import visible
 
-Impl = Literal["dense", "chunked"]
+Impl = Literal["dense", "chunked", "pallas"]
 Inverse = Literal["solve", "doubling", "blocked"]
 
 
@@ -63,7 +63,9 @@ def feedback_solve(
       q_b, k_b: (B, T, D) feedback queries and keys.
       gamma: (B, T) per-token gain, |gamma| < 1.
       f: (B, T, D) forward-branch output (the right-hand side).
-      impl: "dense" (reference, O(T^2) memory) or "chunked" (O(T*D) memory, custom VJP).
+      impl: "dense" (reference, O(T^2) memory), "chunked" (O(T*D) memory, custom VJP) or
+        "pallas" ("chunked"'s sweep with Pallas kernels for the rectangular products; TPU,
+        and interpret mode on CPU; see :mod:`sessa_jax.ops.feedback_pallas`).
       chunk_size: rows per block for "chunked"; clipped to T.
       segments: scans the chunk sweep is split into (see :func:`feedback_chunked`).
       inverse: how "chunked" inverts its diagonal blocks: "solve", "doubling" or "blocked".
@@ -83,7 +85,15 @@ def feedback_solve(
             q_b, k_b, gamma, f, chunk_size=chunk_size, segments=segments, inverse=inverse,
             unroll=unroll, segment_ids=segment_ids, keep_inverses=keep_inverses,
         )
-    raise ValueError(f"feedback impl={impl!r}: expected 'dense' or 'chunked'")
+    if impl == "pallas":
+        # segments/unroll shape "chunked"'s XLA sweep only: the kernels skip invisible tiles.
+        from sessa_jax.ops.feedback_pallas import feedback_pallas
+
+        return feedback_pallas(
+            q_b, k_b, gamma, f, chunk_size=chunk_size, inverse=inverse,
+            segment_ids=segment_ids, keep_inverses=keep_inverses,
+        )
+    raise ValueError(f"feedback impl={impl!r}: expected 'dense', 'chunked' or 'pallas'")
 
 
 def feedback_alpha(q_b, k_b, segment_ids=None):
