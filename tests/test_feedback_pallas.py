@@ -1,0 +1,95 @@
+"""feedback_impl="pallas" (Pallas kernels, interpret mode on CPU) against the dense reference:
+values and gradients, float32 and float64, odd lengths, T = 1, segment ids."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_err
+from sessa_jax.ops.feedback import feedback_solve
+from sessa_jax.ops.feedback_pallas import feedback_pallas
+
+
+def _seed():
+    return int(np.random.SeedSequence().generate_state(1)[0] % 2**31)  # fresh every run
+
+
+def _inputs(seed, B, T, D, sharp=1.0, gscale=1.0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+    dt = jnp.asarray(0.0).dtype  # float64 under the x64 fixture
+    q = sharp * jax.random.normal(ks[0], (B, T, D), dt)
+    k = jax.random.normal(ks[1], (B, T, D), dt)
+    f = jax.random.normal(ks[2], (B, T, D), dt)
+    g = (0.999 * jnp.tanh(gscale * jax.random.normal(ks[3], (B, T), dt))).astype(dt)
+    w = jax.random.normal(ks[4], (B, T, D), dt)
+    return q, k, g, f, w
+
+
+def _both(args, chunk, seg=None, **kw):
+    q, k, g, f, w = args
+    out = []
+    for impl in ("dense", "pallas"):
+        def loss(q, k, g, f):
+            if impl == "dense":
+                s = feedback_solve(q, k, g, f, impl="dense", segment_ids=seg)
+            elif "block" in kw:  # the kernel's own tile knob (feedback_solve keeps the default)
+                s = feedback_pallas(q, k, g, f, chunk_size=chunk, segment_ids=seg, **kw)
+            else:  # through the one dispatch point
+                s = feedback_solve(q, k, g, f, impl="pallas", chunk_size=chunk, segment_ids=seg,
+                                   **kw)
+            return jnp.sum(s * w), s
+
+        (_, s), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(
+            q, k, g, f)
+        out.append((s, grads))
+    return out
+
+
+def _check(out, tol, seed):
+    (s_d, g_d), (s_p, g_p) = out
+    assert rel_err(s_p, s_d) <= tol, seed
+    for name, a, b in zip(("q_b", "k_b", "gamma", "f"), g_p, g_d):
+        assert rel_err(a, b) <= tol, (name, seed)
+
+
+# (B, T, D, chunk, block, sharpness, gamma scale): T not a multiple of the chunk, T = 1,
+# T below the chunk, several key tiles a chunk (block < chunk), gamma near +-0.999.
+CASES = [
+    (2, 37, 8, 16, 8, 1.0, 1.0),
+    (1, 1, 4, 8, 8, 1.0, 1.0),
+    (1, 21, 6, 8, 8, 3.0, 30.0),
+    (2, 9, 8, 16, 16, 0.05, 30.0),
+]
+
+
+@pytest.mark.parametrize("B,T,D,chunk,block,sharp,gscale", CASES)
+def test_pallas_equals_dense_float64(B, T, D, chunk, block, sharp, gscale, x64):
+    seed = _seed()
+    args = _inputs(seed, B, T, D, sharp, gscale)
+    _check(_both(args, chunk, block=block), 1e-9, seed)
+
+
+def test_pallas_equals_dense_float32_no_saved_inverses():
+    seed = _seed()
+    args = _inputs(seed, 2, 27, 8)
+    _check(_both(args, 8, keep_inverses=False, inverse="solve"), 1e-4, seed)
+
+
+def test_pallas_segments_float64(x64):
+    """Packed documents: a boundary inside a chunk, one on a chunk edge, trailing padding."""
+    seed = _seed()
+    B, T = 2, 29
+    args = _inputs(seed, B, T, 6)
+    ids = np.zeros((B, T), np.int32)
+    ids[0, :5], ids[0, 5:16], ids[0, 16:] = 1, 2, 3
+    ids[1, :24], ids[1, 24:] = 1, 0
+    _check(_both(args, 8, seg=jnp.asarray(ids)), 1e-9, seed)
+
+
+def test_pallas_config_accepts_impl():
+    from sessa_jax.models.config import SessaConfig
+
+    assert SessaConfig(d_model=64, n_heads=4, feedback_impl="pallas").feedback_impl == "pallas"
+    with pytest.raises(ValueError, match="pallas"):
+        SessaConfig(d_model=64, n_heads=4, feedback_impl="triton")
