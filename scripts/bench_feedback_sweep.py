@@ -6,7 +6,15 @@ can differ per row).
     python scripts/bench_feedback_sweep.py '[{"T": 8192, "c": 2048, "seg": 8, "unroll": 8},
                                              {"T": 8192, "c": 512, "seg": 8, "unroll": 0}]'
 
-A row may carry "flags" (XLA_FLAGS for that process). Writes $OUT/fb_sweep.json (or ./).
+A row may carry "flags" (XLA_FLAGS for that process) and "impl" (default: each of
+``--impls``, default "chunked"). Every impl other than "chunked" first checks its loss and
+gradients against "chunked" at the same configuration (printed as "check": max relative
+error per output) and is then timed; an impl that cannot run there (e.g. "pallas" on a GPU)
+gives a row with "error" instead of stopping the sweep.
+
+    python scripts/bench_feedback_sweep.py --impls chunked,pallas '[{"T": 8192, "c": 512, "seg": 8, "unroll": 0}]'
+
+Writes $OUT/fb_sweep.json (or ./).
 """
 import json
 import os
@@ -16,7 +24,9 @@ import sys
 import time
 
 
-def one(T, c, seg, unroll, tokens=16384, D=768):
+def one(T, c, seg, unroll, impl="chunked"):
+    # FB_TOKENS / FB_D shrink the problem for a smoke test (defaults: the benchmark's).
+    tokens, D = int(os.environ.get("FB_TOKENS", 16384)), int(os.environ.get("FB_D", 768))
     import jax
     import jax.numpy as jnp
 
@@ -31,11 +41,25 @@ def one(T, c, seg, unroll, tokens=16384, D=768):
     g = 0.9 * jnp.tanh(jax.random.normal(ks[2], (B, T)))  # float32, as the layer makes it
     f = jax.random.normal(ks[3], (B, T, D), dt)
 
-    def loss(q, k, g, f):
-        s = feedback_solve(q, k, g, f, chunk_size=c, segments=seg, unroll=unroll)
-        return jnp.mean(s.astype(jnp.float32) ** 2)
+    def make(impl):
+        def loss(q, k, g, f):
+            s = feedback_solve(q, k, g, f, impl=impl, chunk_size=c, segments=seg, unroll=unroll)
+            return jnp.mean(s.astype(jnp.float32) ** 2)
 
-    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+
+    fn = make(impl)
+    check = None
+    if impl != "chunked":  # correctness against "chunked" before any timing
+        def rel(a, b):
+            a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+            return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
+
+        (v, gr), (v0, gr0) = fn(q, k, g, f), make("chunked")(q, k, g, f)
+        check = {"loss": rel(v, v0), **{n: rel(a, b) for n, a, b in
+                                        zip(("dq_b", "dk_b", "dgamma", "df"), gr, gr0)}}
+        check = {n: float(f"{x:.3g}") for n, x in check.items()}
+        print("CHECK", impl, "vs chunked", json.dumps(check), flush=True)
     t0 = time.perf_counter()
     jax.block_until_ready(fn(q, k, g, f))
     comp = time.perf_counter() - t0
@@ -45,7 +69,7 @@ def one(T, c, seg, unroll, tokens=16384, D=768):
         jax.block_until_ready(fn(q, k, g, f))
         ts.append((time.perf_counter() - t0) * 1e3)
     stats = jax.devices()[0].memory_stats() or {}
-    return dict(T=T, B=B, c=c, seg=seg, unroll=unroll, flags=os.environ.get("XLA_FLAGS", ""),
+    return dict(T=T, B=B, c=c, seg=seg, unroll=unroll, impl=impl, check=check, flags=os.environ.get("XLA_FLAGS", ""),
                 ms=round(statistics.median(ts), 3), compile_s=round(comp, 1),
                 peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 3),
                 device=jax.devices()[0].device_kind, jax=jax.__version__)
@@ -54,20 +78,40 @@ def one(T, c, seg, unroll, tokens=16384, D=768):
 def main():
     if sys.argv[1] == "one":
         T, c, seg, unroll = map(int, sys.argv[2:6])
-        print("RESULT", json.dumps(one(T, c, seg, unroll)), flush=True)
+        impl = sys.argv[6] if len(sys.argv) > 6 else "chunked"
+        try:
+            r = one(T, c, seg, unroll, impl)
+        except NotImplementedError as e:  # an impl with no lowering on this platform
+            r = dict(T=T, c=c, seg=seg, unroll=unroll, impl=impl, error=f"NotImplementedError: {e}")
+        print("RESULT", json.dumps(r), flush=True)
         return
+    args = sys.argv[1:]
+    impls = ["chunked"]
+    if "--impls" in args:
+        i = args.index("--impls")
+        impls = args[i + 1].split(",")
+        del args[i:i + 2]
     out = []
-    for cfg in json.loads(sys.argv[1]):
+    for cfg in json.loads(args[0]):
         env = dict(os.environ)
         if cfg.get("flags"):
             env["XLA_FLAGS"] = cfg["flags"]
-        argv = [str(cfg[k]) for k in ("T", "c", "seg", "unroll")]
-        p = subprocess.run([sys.executable, __file__, "one", *argv], capture_output=True,
-                           text=True, env=env, timeout=300)
-        line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
-        r = json.loads(line[0][7:]) if line else dict(cfg, error=p.stderr[-600:])
-        print(json.dumps(r), flush=True)
-        out.append(r)
+        for impl in ([cfg["impl"]] if cfg.get("impl") else impls):
+            argv = [str(cfg[k]) for k in ("T", "c", "seg", "unroll")] + [impl]
+            try:
+                p = subprocess.run([sys.executable, __file__, "one", *argv], capture_output=True,
+                                   text=True, env=env, timeout=300)
+                lines = p.stdout.splitlines()
+                for ln in lines:
+                    if ln.startswith("CHECK"):
+                        print(ln, flush=True)
+                line = [ln for ln in lines if ln.startswith("RESULT")]
+                r = json.loads(line[0][7:]) if line else dict(cfg, impl=impl,
+                                                              error=p.stderr[-600:])
+            except subprocess.TimeoutExpired:
+                r = dict(cfg, impl=impl, error="timeout (300 s)")
+            print(json.dumps(r), flush=True)
+            out.append(r)
     with open(os.path.join(os.environ.get("OUT", "."), "fb_sweep.json"), "w") as fh:
         json.dump(out, fh, indent=1)
 
