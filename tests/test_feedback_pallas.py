@@ -93,3 +93,31 @@ def test_pallas_config_accepts_impl():
     assert SessaConfig(d_model=64, n_heads=4, feedback_impl="pallas").feedback_impl == "pallas"
     with pytest.raises(ValueError, match="pallas"):
         SessaConfig(d_model=64, n_heads=4, feedback_impl="triton")
+
+
+def test_layer_with_pallas_matches_reference_fixture(x64):
+    """The whole layer with feedback_impl="pallas" against the author's implementation
+    (output and input gradient), through the config's dispatch."""
+    from conftest import FIXTURES, fixture_config
+    from sessa_jax.interop import layer_from_reference, load_reference_state
+    from flax import nnx
+
+    path = FIXTURES[0]
+    cfg = fixture_config(path, feedback_impl="pallas", chunk_size=8, dtype="float64",
+                         param_dtype="float64")
+    z = np.load(path)
+    layer = layer_from_reference(load_reference_state(path), cfg)
+    x, w = jnp.asarray(z["x"]), jnp.asarray(z["w_loss"])
+    graphdef, state = nnx.split(layer)
+    loss = lambda x: jnp.sum(nnx.merge(graphdef, state)(x) * w)
+    y = jax.jit(lambda x: nnx.merge(graphdef, state)(x))(x)
+    gx = jax.jit(jax.grad(loss))(x)
+    assert rel_err(y, z["y"]) <= 1e-9
+    assert rel_err(gx, z["grad/x"]) <= 1e-9
+
+
+def test_gpu_backend_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    q, k, g, f, _ = _inputs(0, 1, 4, 4)
+    with pytest.raises(NotImplementedError, match="chunked"):
+        feedback_solve(q, k, g, f, impl="pallas")
