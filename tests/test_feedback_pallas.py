@@ -121,3 +121,34 @@ def test_gpu_backend_is_a_clear_error(monkeypatch):
     q, k, g, f, _ = _inputs(0, 1, 4, 4)
     with pytest.raises(NotImplementedError, match="chunked"):
         feedback_solve(q, k, g, f, impl="pallas")
+
+
+_SPREAD = r"""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh
+from sessa_jax.models.partitioning import DEFAULT_RULES, activation_sharding, spread_rows
+mesh = Mesh(np.array(jax.devices()).reshape(2, 1, 1), ("data", "fsdp", "tensor"))
+x = jnp.ones((4, 3))
+def run(kernel):
+    def f(x):
+        with activation_sharding(mesh, DEFAULT_RULES):
+            return spread_rows(lambda a: a * a.shape[0], x, kernel=kernel)
+    return np.asarray(jax.jit(f)(x))[0, 0]
+print("ROWS", run(False), run(True))
+"""
+
+
+def test_spread_rows_puts_kernels_under_shard_map():
+    """Mosaic kernels cannot be auto-partitioned: with kernel=True (feedback_impl="pallas")
+    the solve runs under shard_map over the batch axes even on a pure data-parallel mesh,
+    where the other impls run as plain code (each device sees 2 of the 4 rows)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    p = subprocess.run([sys.executable, "-c", _SPREAD], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "ROWS 4.0 2.0" in p.stdout, p.stdout

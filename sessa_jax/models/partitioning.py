@@ -153,7 +153,7 @@ def row_spread(n_rows: int, name: str = "fb_rows") -> Optional[tuple[str, ...]]:
     return tuple(axes) if set(axes) - batch else None
 
 
-def spread_rows(fn, *arrays, name: str = "fb_rows"):
+def spread_rows(fn, *arrays, name: str = "fb_rows", kernel: bool = False):
     """``fn(*arrays)`` for a computation whose rows (leading axis) are independent, with the
     rows split over the mesh axes of ``rules[name]`` (:func:`row_spread`) under
     ``jax.shard_map``: each device runs ``fn`` on its own rows only.
@@ -166,8 +166,18 @@ def spread_rows(fn, *arrays, name: str = "fb_rows"):
     partitioner never sees a width-split activation here (scripts/repro_spmd_feedback.py: on
     jax 0.10.2 it misplaced rows for one such pattern). Plain ``fn(*arrays)`` where
     :func:`row_spread` gives None.
+
+    ``kernel=True``: ``fn`` holds Mosaic (Pallas TPU) kernels, which XLA cannot partition
+    ("Mosaic kernels cannot be automatically partitioned"): where :func:`row_spread` gives
+    None it still runs under ``shard_map``, split over the 'batch' rule's axes (the rows'
+    existing split), so each device runs the kernels on its own rows.
     """
     axes = row_spread(arrays[0].shape[0], name)
+    if axes is None and kernel and _ACTIVE.get() is not None:
+        mesh, rules = _ACTIVE.get()
+        axes = tuple(a for a in _axes(rules.get("batch")) if mesh.shape.get(a, 1) > 1)
+        if not axes or arrays[0].shape[0] % math.prod(mesh.shape[a] for a in axes):
+            axes = None
     if axes is None:
         return fn(*arrays)
     mesh, _ = _ACTIVE.get()

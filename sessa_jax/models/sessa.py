@@ -116,6 +116,7 @@ class SessaMixer(CausalSelfAttention):
         f = f if spread else constrain(f, _ROWS)
         q_b, k_b, gamma = self._feedback_inputs(a, pin=not spread)
         cfg = self.cfg
+        pallas = cfg.feedback_impl == "pallas"  # Mosaic kernels: always under shard_map
         solve = functools.partial(
             feedback_solve, impl=cfg.feedback_impl, chunk_size=cfg.chunk_size,
             segments=cfg.feedback_segments, inverse=cfg.feedback_inverse,
@@ -123,10 +124,10 @@ class SessaMixer(CausalSelfAttention):
         )
         # s in the compute dtype; the solve's statistics and carries are float32
         if segment_ids is None:
-            s = spread_rows(solve, q_b, k_b, gamma, f)
+            s = spread_rows(solve, q_b, k_b, gamma, f, kernel=pallas)
         else:  # the ids are per row too: they travel with their rows
             s = spread_rows(lambda q, k, g, f, seg: solve(q, k, g, f, segment_ids=seg),
-                            q_b, k_b, gamma, f, segment_ids)
+                            q_b, k_b, gamma, f, segment_ids, kernel=pallas)
         s = constrain(s, _ROWS) if spread else s
         return (s, (k, v, k_b)) if return_state else s
 
@@ -314,9 +315,10 @@ def _staged_call(layer: SessaLayer, x, segment_ids=None):
         unroll=cfg.feedback_unroll, keep_inverses=False,
     )
     # the same dispatch point as SessaMixer.__call__: rows spread over the tensor axis too
+    pallas = cfg.feedback_impl == "pallas"
     if segment_ids is None:
-        s = spread_rows(solve, q_b, k_b, gamma, f)
+        s = spread_rows(solve, q_b, k_b, gamma, f, kernel=pallas)
     else:
         s = spread_rows(lambda q, k, g, f, seg: solve(q, k, g, f, segment_ids=seg),
-                        q_b, k_b, gamma, f, segment_ids)
+                        q_b, k_b, gamma, f, segment_ids, kernel=pallas)
     return out(state, x2, s)
