@@ -32,13 +32,22 @@ the chunk on (the causal half, as ``"chunked"``'s segmented sweep approximates).
 limit is raised to what the tiles need (``_vmem_limit``); very wide models want a smaller c.
 
 GPU: not lowered. The kernels reduce over a sequential grid axis into a resident output
-block, which is TPU semantics; Pallas's Triton backend runs grid points as independent
-programs (and is deprecated in jax 0.11 in favour of Mosaic GPU), and a D-wide c x D
-accumulator does not fit a GPU SM's registers: a GPU kernel needs another design (an in-kernel
-loop over tiles, the output tiled over D with the scores recomputed per D tile, or Mosaic
-GPU's explicit shared memory). :func:`feedback_pallas` raises NotImplementedError on a GPU
-backend and names the fallback ("chunked"); lowering for a platform other than CPU or TPU fails
-in ``lax.platform_dependent`` (no branch).
+block (TPU semantics), and their chunk-by-D tiles are the point of the design: c = 512,
+D = 768 in bf16 is 0.75 MiB an operand, against 228 KiB of shared memory and 256 KiB of
+registers per SM on an H100/H200. Pallas's Triton backend runs grid points as independent
+programs and wants power-of-two blocks (D = 768 is not), and is deprecated in jax 0.11; the
+default GPU lowering of ``pallas_call`` is already Mosaic GPU in jax 0.10.2 (checked: a
+``jax.export`` for "cuda" from this CPU host emits ``mosaic_gpu_v2``). A GPU kernel needs its
+own design: 64-128-row tiles with the output tiled over D (the scores recomputed per D tile,
+or a two-pass split of statistics and products) and an in-kernel loop over the other side.
+:func:`feedback_pallas` raises NotImplementedError on a GPU backend and names the fallback
+("chunked"); lowering for a platform other than CPU or TPU fails in ``lax.platform_dependent``
+(no branch).
+
+Meshes: Mosaic kernels cannot be partitioned by XLA, so the Sessa layer always runs this
+solve under ``shard_map`` over the batch axes (``spread_rows(..., kernel=True)`` in
+:mod:`sessa_jax.models.partitioning`); called directly under ``jit`` with sharded inputs it
+fails with "Mosaic kernels cannot be automatically partitioned".
 
 CPU: the same kernels in Pallas's interpret mode (chosen per lowering platform with
 ``lax.platform_dependent``, so an ahead-of-time TPU compile from a CPU host gets Mosaic).
