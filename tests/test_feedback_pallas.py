@@ -54,12 +54,14 @@ def _check(out, tol, seed):
 
 
 # (B, T, D, chunk, block, sharpness, gamma scale): T not a multiple of the chunk, T = 1,
-# T below the chunk, several key tiles a chunk (block < chunk), gamma near +-0.999.
+# T below the chunk, several key tiles a chunk (block < chunk), tiles across chunk edges
+# (block > chunk), gamma near +-0.999.
 CASES = [
     (2, 37, 8, 16, 8, 1.0, 1.0),
     (1, 1, 4, 8, 8, 1.0, 1.0),
-    (1, 21, 6, 8, 8, 3.0, 30.0),
+    (1, 21, 6, 4, 8, 3.0, 30.0),
     (2, 9, 8, 16, 16, 0.05, 30.0),
+    (1, 37, 6, 8, 16, 1.0, 3.0),
 ]
 
 

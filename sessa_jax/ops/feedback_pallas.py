@@ -21,11 +21,12 @@ forms the score tiles in on-chip memory and never writes them out:
   row tiles) and each row tile's dq contribution (added in place into the dq carry).
 
 Tiling (TPU, Mosaic). The grid is (batch, tiles of the other side); every tile is a whole
-chunk on one side (c rows or c keys) by ``block`` (<= 256, dividing c) on the other, and spans
+chunk on one side (c rows or c keys) by ``block`` (256) on the other (``_layout``), and spans
 the full width D: the score tile q_c k^T needs the whole contraction, and a chunk-by-D tile of
 a few MiB fits VMEM (c = 512, D = 768, bf16: 0.75 MiB an operand, 1.5 MiB for the float32
 accumulator). The tile axis is a reduction ("arbitrary"): the output block (the chunk's
-accumulator) stays resident in VMEM across it. Tiles that the chunk cannot see are skipped:
+accumulator) stays resident in VMEM across it. Tiles that the chunk cannot see are skipped
+(a tile that reaches across the chunk's edge, when c is not a multiple of the tile, is masked):
 their block index is clamped through scalar prefetch (no DMA) and the body is guarded by
 ``pl.when``, so the forward only reads keys before the chunk and the backward only rows from
 the chunk on (the causal half, as ``"chunked"``'s segmented sweep approximates). The VMEM
@@ -79,14 +80,28 @@ from sessa_jax.ops.segments import visible
 _NEG = -jnp.inf
 
 
-def _tile(c: int, block: int) -> int:
-    """The other-side tile: the largest of block, block/2, ... (>= 8) dividing c, else c."""
+def _layout(T: int, c: int, block: int) -> tuple[int, int]:
+    """(other-side tile bt, padded length tp): tp is a multiple of c and of bt.
+
+    bt = block where padding T to lcm(c, block) costs at most one block more than padding
+    to c (chunks of a power of two), so that bt is a multiple of 128 for a block of 128 or
+    256 (Mosaic's lane rule for the (1, bt) row vectors) even for chunks smaller than that;
+    one tile of the whole padded length when that is at most ``block``; else the largest of
+    block, block/2, ... (>= 8) dividing c, else c.
+    """
+    tc = -(-T // c) * c
+    if tc <= block:
+        return tc, tc
+    lcm = c * block // math.gcd(c, block)
+    tl = -(-T // lcm) * lcm
+    if tl - tc <= block:
+        return block, tl
     b = min(block, c)
     while b >= 8:
         if c % b == 0:
-            return b
+            return b, tc
         b //= 2
-    return c
+    return c, tc
 
 
 def _vmem_limit(*tile_bytes: int) -> int:
@@ -135,9 +150,10 @@ def _dot(a, b, acc):
 # --------------------------------------------------------------------------------------------
 
 
-def _cross_call(q_c, k, s, seg_c, seg_k, nvis, *, bk, interpret):
+def _cross_call(q_c, k, s, seg_c, seg_k, start, *, bk, interpret):
     """q_c (B, c, D); k, s (B, tp, D); seg_c (B, c, 1), seg_k (B, 1, tp) int32 or None;
-    nvis: int32 number of key tiles of bk before the chunk (all visible causally).
+    start: int32 first row of the chunk; keys < start are read (tiles of bk, the last one
+    masked where it reaches into the chunk), the chunk's own block is the caller's.
     Returns m (B, c, 1), l (B, c, 1), acc (B, c, D) in the accumulator dtype:
     acc = sum_j exp(score - m) s_j over visible keys, l = sum_j exp(score - m) (m = -inf, l = 0
     and acc = 0 on rows that see nothing)."""
@@ -164,8 +180,11 @@ def _cross_call(q_c, k, s, seg_c, seg_k, nvis, *, bk, interpret):
         @pl.when(kb < sc[0])
         def _():
             scores = _dot_nt(q_ref[...], k_ref[...], acc_t) * scale  # (c, bk)
+            keys = kb * bk + jax.lax.broadcasted_iota(jnp.int32, scores.shape, 1)
+            ok = keys < sc[1]
             if has_seg:
-                scores = jnp.where(segq_ref[...] == segk_ref[...], scores, _NEG)
+                ok = ok & (segq_ref[...] == segk_ref[...])
+            scores = jnp.where(ok, scores, _NEG)
             m_old = m_ref[...]
             m_new = jnp.maximum(m_old, jnp.max(scores, axis=1, keepdims=True))
             m_safe = jnp.where(m_new == _NEG, 0.0, m_new)
@@ -196,7 +215,8 @@ def _cross_call(q_c, k, s, seg_c, seg_k, nvis, *, bk, interpret):
                    jax.ShapeDtypeStruct((B, c, D), acc_t)),
         grid=(B, tp // bk), in_specs=in_specs,
         out_specs=(row, row, pl.BlockSpec((None, c, D), lambda b, j, sc: (b, 0, 0))),
-        scalars=jnp.reshape(nvis, (1,)).astype(jnp.int32), args=args, interpret=interpret,
+        scalars=jnp.stack([(start + bk - 1) // bk, start]).astype(jnp.int32), args=args,
+        interpret=interpret,
         vmem=_vmem_limit(c * D * isz, 2 * bk * D * isz, 2 * c * D * 4, 2 * c * bk * 4),
         name="sessa_feedback_cross",
     )
@@ -337,7 +357,7 @@ def feedback_pallas(q_b, k_b, gamma, f, *, chunk_size: int = 256, inverse: Inver
     """Chunked solve with Pallas kernels for the rectangular products. Shapes as
     :func:`sessa_jax.ops.feedback.feedback_solve`; ``block`` is the other-side tile (key tiles
     in the forward, query-row tiles in the backward), the largest of block, block/2, ... that
-    divides the chunk."""
+    goes with the chunk (see ``_layout``)."""
     if jax.default_backend() in ("gpu", "cuda", "rocm"):
         raise NotImplementedError(
             "feedback_impl='pallas' has no GPU lowering (its kernels reduce over a sequential "
@@ -347,7 +367,7 @@ def feedback_pallas(q_b, k_b, gamma, f, *, chunk_size: int = 256, inverse: Inver
         raise ValueError(f"feedback inverse={inverse!r}: expected 'solve', 'doubling' or 'blocked'")
     B, T, D = f.shape
     c = max(1, min(int(chunk_size), T))
-    tp = -(-T // c) * c
+    bt, tp = _layout(T, c, int(block))
     if tp != T:  # zero padding at the end is exact (see feedback_chunked)
         pad3 = ((0, 0), (0, tp - T), (0, 0))
         q_b, k_b, f = (jnp.pad(a, pad3) for a in (q_b, k_b, f))
@@ -356,7 +376,6 @@ def feedback_pallas(q_b, k_b, gamma, f, *, chunk_size: int = 256, inverse: Inver
             segment_ids = jnp.pad(segment_ids, ((0, 0), (0, tp - T)), constant_values=-1)
     if segment_ids is not None:
         segment_ids = segment_ids.astype(jnp.int32)
-    bt = _tile(c, int(block))
     s = _pallas_solve(q_b, k_b, gamma, f, segment_ids, c, bt, inverse, bool(keep_inverses))
     return s[:, :T]
 
@@ -390,7 +409,7 @@ def _forward(q_b, k_b, gamma, f, seg, c, bt, inverse, keep_inv):
         seg_c = None if seg is None else sl(seg)
         m_x, l_x, acc_x = _by_platform(
             functools.partial(_cross_call, bk=bt), q_c, k_b, s_buf,
-            None if seg is None else seg_c[..., None], seg_k, (start // bt).astype(jnp.int32))
+            None if seg is None else seg_c[..., None], seg_k, start)
         m_x, l_x = m_x[..., 0], l_x[..., 0]
         sc_cc, mask = _diag_scores(q_c, k_c, seg_c, start, c, scale, acc)
         m = jnp.maximum(m_x, jnp.max(jnp.where(mask, sc_cc, _NEG), axis=-1))
