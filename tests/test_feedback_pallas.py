@@ -154,3 +154,22 @@ def test_spread_rows_puts_kernels_under_shard_map():
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "ROWS 4.0 2.0" in p.stdout, p.stdout
+
+
+def test_kernels_compile_for_tpu_ahead_of_time():
+    """The kernels lower through Mosaic: AOT for TPU v5e from this CPU host (libtpu, no TPU),
+    fwd+bwd in bf16 with segment ids, a chunk below 128 rows and T off the tile grid (bigger
+    shapes: scripts/aot_feedback_pallas.py)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TPU_", "XLA_FLAGS"))}
+    p = subprocess.run(
+        [sys.executable, os.path.join(root, "scripts", "aot_feedback_pallas.py"), "--topology",
+         "v5e:2x2", "--T", "500", "--D", "256", "--c", "64", "--dtypes", "bfloat16", "--seg"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    out = p.stdout + p.stderr
+    assert "no TPU topology" not in out, "libtpu missing or topology API failed:\n" + out
+    assert p.returncode == 0 and out.count("OK  v5e") == 2, out[-3000:]
