@@ -3,6 +3,7 @@
 #   bash scripts/h200_issue14.sh layer   OUT_DIR   # one layer vs attention, T=512..131072, decode
 #   bash scripts/h200_issue14.sh models  OUT_DIR   # 125M Sessa vs Transformer at T=2048 and 8192
 #   bash scripts/h200_issue14.sh million OUT_DIR   # T=1,048,576: one layer, the 125M model
+#   bash scripts/h200_issue14.sh datawait OUT_DIR  # 125M at T=2048: device idle on input
 # Each part writes JSON and logs under OUT_DIR; BENCHMARKS.md quotes them.
 set -u
 cd "$(dirname "$0")/.."
@@ -38,9 +39,18 @@ million)
   # one step takes longer than a device call allows, see BENCHMARKS.md).
   $py scripts/aot_compile.py --config configs/gpu/sessa-125m-1m.yaml --topology local \
     --json "$out/aot-125m-1m.json"
+  # The same, scanned (the layout that kept ~45 KB a token a layer more at long T).
+  $py scripts/aot_compile.py --config configs/gpu/sessa-125m-1m.yaml --topology local \
+    --json "$out/aot-125m-1m-scanned.json" model.scan_layers=true
   # The same model with one layer, trained for two real steps at 1M tokens.
   $py scripts/bench_multi_gpu.py --config configs/gpu/sessa-125m-1m.yaml --devices 1 \
     --modes strong --steps 3 --log-every 1 --out "$out/train-1m-1layer.json" model.n_layers=1
+  ;;
+datawait)
+  # issue 16: does the input pipeline leave the device idle? (Goodput's data_stall_sec)
+  $py scripts/bench_multi_gpu.py --config configs/gpu/sessa-125m-2gpu.yaml --devices 1 \
+    --modes strong --steps 150 --log-every 10 --out "$out/sessa-2048-datawait.json" \
+    model.scan_layers=true
   ;;
 *)
   echo "unknown part $part (layer, models, million)" >&2; exit 2 ;;
