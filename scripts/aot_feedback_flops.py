@@ -151,9 +151,8 @@ def main(argv=None) -> int:
 
     def mixer_solve(q, k, g, f):  # SessaMixer.__call__'s solve, inputs from the projections
         spread = row_spread(q.shape[0]) is not None
-        if not spread:
-            q, k, f = (constrain(a, rows_names) for a in (q, k, f))
-            g = constrain(g, rows_names[:2])
+        q, k, f = (constrain(a, rows_names) for a in (q, k, f))  # pinned either way (issue 15)
+        g = constrain(g, rows_names[:2])
         s = spread_rows(solve, q, k, g, f)
         return constrain(s, rows_names) if spread else s
 

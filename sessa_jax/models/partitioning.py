@@ -160,9 +160,11 @@ def spread_rows(fn, *arrays, name: str = "fb_rows", kernel: bool = False):
 
     This is how Sessa's feedback solve uses the tensor axis: its rows are sequential in T but
     independent across the batch, and its width is contracted in the routing scores, so the
-    batch is what can be split further. The inputs are resharded to rows (an all-to-all from
-    width-split projections, a slice from replicated values) and the outputs come back split
-    over those axes; the caller constrains them back. With explicit in/out specs XLA's SPMD
+    batch is what can be split further. Callers pin the inputs to their ('batch') rows
+    first, so that the reshard here is a slice (an all-gather over the extra axes in the
+    backward); left free, XLA:TPU chose shardings for the producing projections that gathered
+    the global batch on large fsdp meshes (issue 15: 135 GiB a chip on the 7B pod). The
+    outputs come back split over those axes; the caller constrains them back. With explicit in/out specs XLA's SPMD
     partitioner never sees a width-split activation here (scripts/repro_spmd_feedback.py: on
     jax 0.10.2 it misplaced rows for one such pattern). Plain ``fn(*arrays)`` where
     :func:`row_spread` gives None.

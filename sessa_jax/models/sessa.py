@@ -82,10 +82,9 @@ class SessaMixer(CausalSelfAttention):
             self.fb_q_norm = rms_norm(D, cfg.ln_eps, **nkw)
             self.fb_k_norm = rms_norm(D, cfg.ln_eps, **nkw)
 
-    def _feedback_inputs(self, a, pin: bool = True):
-        """a (B, T, D) -> q_b, k_b (B, T, D) in the compute dtype, gamma (B, T) float32.
-
-        ``pin`` constrains them to whole-width rows; without it spread_rows places them.
+    def _feedback_inputs(self, a):
+        """a (B, T, D) -> q_b, k_b (B, T, D) in the compute dtype, gamma (B, T) float32, all
+        constrained to whole-width rows (also on the spread path: see ``__call__``).
 
         gamma is computed in float32 (float64 for float64 inputs) whatever the compute dtype:
         bfloat16 has no value between 0.99609375 and 1, so gamma_max = 0.999 would round to 1
@@ -98,8 +97,6 @@ class SessaMixer(CausalSelfAttention):
         w = self.gamma_ctx.kernel[...].astype(acc)[:, 0]  # (D,)
         z = self.gamma_bias[...].astype(acc) + jnp.einsum("btd,d->bt", a.astype(acc), w)
         gamma = jnp.asarray(self.cfg.gamma_max, acc) * jnp.tanh(z)
-        if not pin:
-            return q_b, k_b, gamma
         return constrain(q_b, _ROWS), constrain(k_b, _ROWS), constrain(gamma, _ROWS[:2])
 
     def __call__(self, a, *, segment_ids=None, return_state: bool = False):
@@ -109,12 +106,18 @@ class SessaMixer(CausalSelfAttention):
         system is block diagonal; RoPE restarts per segment).
         """
         f, (k, v) = self.attend(a, segment_ids=segment_ids, return_kv=True)
-        # Solve rows spread over the tensor axis too (one dispatch point: row_spread); the
-        # inputs then go to spread_rows unpinned, so width-split projections reach the solve's
-        # row shards by an all-to-all rather than an all-gather of the full width.
+        # Solve rows spread over the tensor axis too (one dispatch point: row_spread). Its
+        # inputs are pinned to whole-width (data, fsdp) rows first, as without the spread, so
+        # spread_rows only slices them (its output and the backward: an all-gather over
+        # tensor of this shard's rows). Unpinned, XLA:TPU had to pick the projections' output
+        # sharding against the (data, fsdp, tensor) row spec itself, and with a large fsdp
+        # axis it gathered the *global* batch over fsdp (fsdp=16: (64, T, D) all-gathers and
+        # all-reduces, forward and backward): 135 GiB a chip on the 7B pod against 21 GiB
+        # without the spread (issue 15; scripts/aot_spread_check.py). Pinning f alone was
+        # not enough (q_b, k_b free: 8.7 GiB against 2.1 pinned, fsdp=16, 2 layers).
         spread = row_spread(a.shape[0]) is not None
-        f = f if spread else constrain(f, _ROWS)
-        q_b, k_b, gamma = self._feedback_inputs(a, pin=not spread)
+        f = constrain(f, _ROWS)
+        q_b, k_b, gamma = self._feedback_inputs(a)
         cfg = self.cfg
         pallas = cfg.feedback_impl == "pallas"  # Mosaic kernels: always under shard_map
         solve = functools.partial(
