@@ -54,7 +54,8 @@ def compile_one(args, T: int, device):
     sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
     if args.block == "feedback":
         def loss(q, k, g, f):
-            s = feedback_solve(q, k, g, f, impl=args.feedback_impl, chunk_size=args.chunk)
+            s = feedback_solve(q, k, g, f, impl=args.feedback_impl, chunk_size=args.chunk,
+                               segments=args.segments)
             return jnp.sum(s.astype(jnp.float32) ** 2)
 
         fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
@@ -65,7 +66,8 @@ def compile_one(args, T: int, device):
                   dtype=args.dtype, param_dtype="float32")
         if args.block == "sessa":
             layer = nnx.eval_shape(lambda: SessaLayer(
-                SessaConfig(**kw, feedback_impl=args.feedback_impl, chunk_size=args.chunk),
+                SessaConfig(**kw, feedback_impl=args.feedback_impl, chunk_size=args.chunk,
+                            feedback_segments=args.segments),
                 rngs=nnx.Rngs(0)))
         else:
             layer = nnx.eval_shape(lambda: AttentionBlock(AttentionConfig(**kw),
@@ -118,6 +120,8 @@ def main(argv=None) -> int:
     p.add_argument("--attention-impl", default="auto")
     p.add_argument("--feedback-impl", default="chunked")
     p.add_argument("--chunk", type=int, default=512)
+    p.add_argument("--segments", type=int, default=8,
+                   help="scans the looped chunk sweep is split into (fewer: less to compile)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
     args = p.parse_args(argv)
     gen, chips = parse_topology(args.topology)

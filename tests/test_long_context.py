@@ -49,6 +49,7 @@ def test_one_v5e_chip_compiles_a_long_sessa_layer(tmp_path):
     p = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "aot_layer.py"), "--topology", "v5e:2x2",
          "--lengths", "16384", "--d-model", "128", "--heads", "1", "--chunk", "1024",
+         "--segments", "2",  # two scans instead of eight: 2.4x less to compile, same memory
          "--json", str(tmp_path / "aot.json")],
         capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     out = p.stdout + p.stderr
@@ -58,7 +59,8 @@ def test_one_v5e_chip_compiles_a_long_sessa_layer(tmp_path):
 
     (rec,) = json.loads((tmp_path / "aot.json").read_text())["results"]
     assert rec["T"] == 16384 and rec["fits"] and rec["splash"], rec
-    assert rec["temporary"] < 1.5 * 2 ** 30, rec  # O(T (D + chunk)), nowhere near T^2
+    # O(T (D + chunk)): one (T, T) float32 score matrix alone would be 1 GiB
+    assert rec["temporary"] < 0.5 * 2 ** 30, rec
 
 
 def test_bf16_gamma_stays_below_one():
