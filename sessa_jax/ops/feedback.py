@@ -350,6 +350,25 @@ def _block_inverse(n_blk, inverse, mm):
     return _blocked_inverse(n_blk, precision=precision)
 
 
+def _solve_chunk(carry, i, start, a_cc, cross, f_c, g_c, lse_c, inverse, mm):
+    """The rest of forward chunk i once its routing weights are known: the diagonal block's
+    inverse, s_c, ctx_c, all written into the carry (s_buf, ctx, lse, inv) in place.
+
+    a_cc (B, c, c): the chunk's own block of alpha; cross (B, c, D): sum over earlier chunks
+    of alpha s_j; f_c, g_c, lse_c: the chunk's rows of f, gamma and the log-normaliser.
+    """
+    s_buf, ctx, lse, inv = carry
+    inv_c = _block_inverse(g_c[..., None] * a_cc, inverse, mm)
+    s_c = _inner("bij,bjd->bid", inv_c, f_c + g_c[..., None] * cross, mm)
+    ctx_c = cross + _inner("bij,bjd->bid", a_cc, s_c, mm)
+    s_buf = jax.lax.dynamic_update_slice_in_dim(s_buf, s_c.astype(mm), start, 1)
+    ctx = jax.lax.dynamic_update_slice_in_dim(ctx, ctx_c.astype(ctx.dtype), start, 1)
+    lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_c, start, 1)
+    if inv is not None:
+        inv = jax.lax.dynamic_update_index_in_dim(inv, inv_c.astype(inv.dtype), i, 1)
+    return s_buf, ctx, lse, inv
+
+
 def _chunked_forward(q_b, k_b, gamma, f, seg, c, edges, inverse, keep_inv=True):
     """Forward substitution, one chunk of c rows per scan step, ONE pass over the scores.
 
@@ -394,15 +413,7 @@ def _chunked_forward(q_b, k_b, gamma, f, seg, c, edges, inverse, keep_inv=True):
                 "bct,btd->bcd", alpha.astype(mm), s_buf[:, :kp], preferred_element_type=acc,
             )
             a_cc = jax.lax.dynamic_slice_in_dim(alpha, start, c, axis=2)
-            inv_c = _block_inverse(g_c[..., None] * a_cc, inverse, mm)
-            s_c = _inner("bij,bjd->bid", inv_c, f_c + g_c[..., None] * cross, mm)
-            ctx_c = cross + _inner("bij,bjd->bid", a_cc, s_c, mm)
-            s_buf = jax.lax.dynamic_update_slice_in_dim(s_buf, s_c.astype(mm), start, 1)
-            ctx = jax.lax.dynamic_update_slice_in_dim(ctx, ctx_c.astype(ctx.dtype), start, 1)
-            lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_c, start, 1)
-            if inv is not None:
-                inv = jax.lax.dynamic_update_index_in_dim(inv, inv_c.astype(inv.dtype), i, 1)
-            return (s_buf, ctx, lse, inv), None
+            return _solve_chunk(carry, i, start, a_cc, cross, f_c, g_c, lse_c, inverse, mm), None
 
         return step
 

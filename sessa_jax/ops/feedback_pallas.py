@@ -73,7 +73,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from sessa_jax.ops.feedback import (
-    RESIDUAL_NAMES, _acc_dtype, _block_inverse, _half, _inner, Inverse,
+    RESIDUAL_NAMES, _acc_dtype, _block_inverse, _half, _inner, _solve_chunk, Inverse,
 )
 from sessa_jax.ops.segments import visible
 
@@ -421,15 +421,7 @@ def _forward(q_b, k_b, gamma, f, seg, c, bt, inverse, keep_inv):
         lse_c = m + jnp.log(l)
         cross = acc_x * (corr / l)[..., None]
         a_cc = e_cc / l[..., None]
-        inv_c = _block_inverse(g_c[..., None] * a_cc, inverse, mm)
-        s_c = _inner("bij,bjd->bid", inv_c, f_c + g_c[..., None] * cross, mm)
-        ctx_c = cross + _inner("bij,bjd->bid", a_cc, s_c, mm)
-        s_buf = jax.lax.dynamic_update_slice_in_dim(s_buf, s_c.astype(mm), start, 1)
-        ctx = jax.lax.dynamic_update_slice_in_dim(ctx, ctx_c.astype(ctx.dtype), start, 1)
-        lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_c, start, 1)
-        if inv is not None:
-            inv = jax.lax.dynamic_update_index_in_dim(inv, inv_c.astype(inv.dtype), i, 1)
-        return (s_buf, ctx, lse, inv), None
+        return _solve_chunk(carry, i, start, a_cc, cross, f_c, g_c, lse_c, inverse, mm), None
 
     low = mm if _half(mm) else acc
     carry = (jnp.zeros_like(f), jnp.zeros((B, tp, D), low), jnp.zeros((B, tp), acc),
