@@ -49,6 +49,26 @@ def test_qk_norm_off_is_the_reference_layer_and_on_only_adds_two_scales():
         SessaConfig(**BASE, feedback_qk_norm="yes")
 
 
+def test_gamma_bias_init_moves_only_the_gain_bias():
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, T, D))
+    ref = SessaLayer(SessaConfig(**BASE), rngs=nnx.Rngs(0))
+    abl = SessaLayer(SessaConfig(**BASE, gamma_bias_init=-0.5), rngs=nnx.Rngs(0))
+    p_ref, p_abl = dict(params_of(ref)), dict(params_of(abl))
+    assert set(p_ref) == set(p_abl)
+    key = ("mixer", "gamma_bias")
+    assert float(p_ref[key][...]) == 1.0 and float(p_abl[key][...]) == -0.5  # spec: 1.0
+    for k, v in p_ref.items():
+        if k != key:
+            np.testing.assert_array_equal(np.asarray(v[...]), np.asarray(p_abl[k][...]))
+    assert np.max(np.abs(np.asarray(ref(x)) - np.asarray(abl(x)))) > 1e-4
+    m = ModelConfig(family="sessa", vocab_size=20, d_model=D, n_layers=1, n_heads=2,
+                    gamma_bias_init=0.25)
+    assert m.block_config().gamma_bias_init == 0.25
+    for bad in ("1", float("nan"), True):
+        with pytest.raises(ValueError, match="gamma_bias_init"):
+            SessaConfig(**BASE, gamma_bias_init=bad)
+
+
 def _blow_up_feedback(layer, factor=100.0):
     layer.mixer.proj_fb.kernel[...] = layer.mixer.proj_fb.kernel[...] * factor
 

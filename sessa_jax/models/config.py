@@ -78,6 +78,7 @@ class SessaConfig:
     use_rope: bool = True
     rope_base: float = 10000.0
     gamma_max: float = 0.999
+    gamma_bias_init: float = 1.0  # the gain's bias starts here (reference: 1.0, tanh(1) = 0.76)
     ln_eps: float = 1e-5
     feedback_impl: FeedbackImpl = "chunked"
     chunk_size: int = 512  # rows per block of the chunked feedback solve (H100: 512 beat 256)
@@ -111,6 +112,10 @@ class SessaConfig:
                 f"feedback_qk_norm={self.feedback_qk_norm!r}: expected true or false")
         if not (isinstance(self.gamma_max, (int, float)) and 0.0 < self.gamma_max < 1.0):
             raise ValueError(f"gamma_max={self.gamma_max!r}: expected a number in (0, 1)")
+        if not (isinstance(self.gamma_bias_init, (int, float))
+                and not isinstance(self.gamma_bias_init, bool)
+                and math.isfinite(self.gamma_bias_init)):
+            raise ValueError(f"gamma_bias_init={self.gamma_bias_init!r}: expected a finite number")
         if self.feedback_impl not in ("dense", "chunked", "pallas"):
             raise ValueError(
                 f"feedback_impl={self.feedback_impl!r}: expected 'dense', 'chunked' or 'pallas'"
@@ -313,6 +318,7 @@ class ModelConfig:
     attention_impl: AttentionImpl = "auto"  # sessa/transformer attention backend
     # Sessa
     gamma_max: float = 0.999
+    gamma_bias_init: float = 1.0  # SessaConfig.gamma_bias_init (an ablation knob)
     feedback_impl: FeedbackImpl = "chunked"
     chunk_size: int = 512
     feedback_qk_norm: bool = False  # RMSNorm on q_b/k_b (SessaConfig.feedback_qk_norm)
@@ -380,6 +386,7 @@ class ModelConfig:
             return SessaConfig(
                 d_model=self.d_model, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
                 use_rope=self.use_rope, rope_base=self.rope_base, gamma_max=self.gamma_max,
+                gamma_bias_init=self.gamma_bias_init,
                 ln_eps=self.ln_eps, feedback_impl=self.feedback_impl,
                 chunk_size=self.chunk_size, attention_impl=self.attention_impl,
                 feedback_segments=self.feedback_segments, feedback_inverse=self.feedback_inverse,

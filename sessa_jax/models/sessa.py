@@ -71,7 +71,7 @@ class SessaMixer(CausalSelfAttention):
         self.proj_fb = linear(D, 2 * D, ("embed", "fb"), **kw)
         self.gamma_ctx = linear(D, 1, ("embed", None), use_bias=False, **kw)
         self.gamma_bias = nnx.Param(
-            logical(nnx.initializers.constant(1.0), ())(
+            logical(nnx.initializers.constant(cfg.gamma_bias_init), ())(
                 rngs.params(), (), to_dtype(cfg.param_dtype)
             )
         )
