@@ -48,6 +48,8 @@ RULES = [
     ("python scripts/param_count.py", ""),
     ("python scripts/influence.py", ""),
     ("python scripts/compare.py", (None, "hours on a CPU; tests/test_compare.py runs it tiny")),
+    ("python scripts/sweep.py", (None, "a GPU sweep of 19 ~10M-parameter runs; "
+                                    "tests/test_sweep.py checks the plan and report")),
     ("python scripts/aot_compile.py", (None, "TPU compile of a pod config: tests/test_aot.py")),
     ("python scripts/aot_layer.py", (None, "TPU compiles at long T: tests/test_long_context.py "
                                            "runs it at a small width")),
