@@ -351,6 +351,10 @@ class ModelConfig:
     # a chunk, (B, T, V) float32 logits never exist: each chunk's are made, reduced and
     # recomputed in the backward pass (one extra LM-head product, B*T*V*4 bytes less).
     loss_chunk_size: int = 0
+    # The embedding's backward (ops/embedding.py): "scatter" a float32 scatter-add, "onehot"
+    # one-hot matmuls over token chunks (no atomics; the TPU-friendly form). Either way the
+    # gradient is summed in the table's dtype, not in the compute dtype.
+    embed_grad: Literal["scatter", "onehot"] = "scatter"
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -373,6 +377,8 @@ class ModelConfig:
             raise ValueError(
                 f"loss_chunk_size={self.loss_chunk_size!r}: expected an integer >= 0 (0 = off)"
             )
+        if self.embed_grad not in ("scatter", "onehot"):
+            raise ValueError(f"embed_grad={self.embed_grad!r}: expected 'scatter' or 'onehot'")
         if self.family == "mamba2":  # checked here first, so the messages name these fields
             _check_ssd_shape(self.d_model, self.d_state, self.expand, self.ssd_head_dim,
                              self.ssd_ngroups, self.d_conv, self.ssd_chunk_size, self.ssd_impl,

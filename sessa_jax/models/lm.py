@@ -32,6 +32,7 @@ from sessa_jax.models.mamba import MambaBlock
 from sessa_jax.models.mamba2 import Mamba2Block
 from sessa_jax.models.partitioning import constrain
 from sessa_jax.models.sessa import SessaLayer
+from sessa_jax.ops.embedding import embed_lookup
 from sessa_jax.ops.feedback import RESIDUAL_NAMES as FEEDBACK_RESIDUALS
 
 _MIXERS = {"sessa": SessaLayer, "transformer": AttentionBlock, "mamba": MambaBlock,
@@ -126,10 +127,17 @@ class DecoderLM(nnx.Module):
 
     # -- training / scoring --------------------------------------------------------------
 
+    def embed_tokens(self, tokens):
+        """tokens (...) int -> (..., D) embeddings in the compute dtype. Gathered from the
+        parameter-dtype table (not ``self.embed(tokens)``, which gathers from a compute-dtype
+        copy and so sums the table's gradient in bfloat16: ops/embedding.py)."""
+        return embed_lookup(self.embed.embedding[...], tokens, to_dtype(self.cfg.dtype),
+                            grad=self.cfg.embed_grad)
+
     def hidden(self, tokens, segment_ids=None):
         """tokens (B, T) int, segment_ids (B, T) int or None -> final hidden states (B, T, D),
         after the final LayerNorm."""
-        x = constrain(self.embed(tokens), _RESIDUAL)
+        x = constrain(self.embed_tokens(tokens), _RESIDUAL)
         side = () if segment_ids is None else (segment_ids,)
         return self.ln_f(self.blocks_forward(x, *side))
 
@@ -277,7 +285,7 @@ class DecoderLM(nnx.Module):
         logits: (B, T, V); with ``last_only``, (B, V) at each row's last real position
         (``lengths - 1``) only, so the LM head runs on B positions instead of B*T.
         """
-        x = self.embed(tokens)
+        x = self.embed_tokens(tokens)
         x, new = self._cached(lambda b, h, c: b.prefill(h, c, lengths), x, cache)
         if last_only:
             B, T = tokens.shape
@@ -290,7 +298,7 @@ class DecoderLM(nnx.Module):
 
         ``check=False`` skips the per-step cache overflow check (a host callback under jit).
         """
-        x = self.embed(token[:, None])
+        x = self.embed_tokens(token[:, None])
         x, new = self._cached(lambda b, h, c: b.decode_step(h, c, check=check), x, cache)
         return self.logits(self.ln_f(x))[:, 0], new
 

@@ -119,7 +119,7 @@ def model_influence(model, T: int, seeds: Sequence[int] = (0,), method: str = "a
         key = jax.random.PRNGKey(seed)
         k_tok, k_probe = jax.random.split(key)
         tokens = jax.random.randint(k_tok, (1, T), 0, V)
-        x = model.embed(tokens).astype(jnp.float32)
+        x = model.embed_tokens(tokens).astype(jnp.float32)
         _, vjp_fn = jax.vjp(lambda x_: f(state, x_).astype(jnp.float32), x)
         if method == "exact":
             ts, ds = np.meshgrid(np.arange(T), np.arange(D), indexing="ij")

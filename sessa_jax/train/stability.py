@@ -90,7 +90,7 @@ def model_stats(model, tokens, segment_ids=None) -> dict:
         x, st = layer_stats(block.mixer, x, segment_ids)
         return (block.mlp(x) if block.mlp is not None else x), st
 
-    x = model.embed(tokens)
+    x = model.embed_tokens(tokens)
     if model.cfg.scan_layers:  # one scanned body, stats stacked (n_layers,) per name
         _, st = model.scan_blocks(lambda b, h, _: block_stats(b, h), x)
         per_layer = [{k: v[i] for k, v in st.items()} for i in range(model.cfg.n_layers)]
