@@ -3,6 +3,21 @@
 import glob
 import json
 import os
+import shutil
+import tempfile
+
+# One persistent compilation cache for this test session: its in-process tests, both xdist
+# workers and every subprocess they start (all inherit the environment set here, in the
+# controller, before the workers start). Tests build the same tiny models again and again
+# (fresh closures, so jit's in-memory cache misses); the persistent cache keys on the program,
+# so each is compiled once. A new directory per session, removed at its end, so no result
+# depends on an earlier run. A cache directory set by the caller is used and left alone.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="sessa-test-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax
 import numpy as np
@@ -37,3 +52,8 @@ def fixture_config(path: str, **overrides):
     )
     kw.update(overrides)
     return SessaConfig(**kw)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE and not os.environ.get("PYTEST_XDIST_WORKER"):
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
