@@ -18,7 +18,6 @@ axis, and prefill/decode_step scan over it; unscanned, a list with one cache per
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional
 
 import jax
@@ -35,6 +34,7 @@ from sessa_jax.models.partitioning import constrain
 from sessa_jax.models.sessa import SessaLayer
 from sessa_jax.ops.embedding import embed_lookup
 from sessa_jax.ops.feedback import RESIDUAL_NAMES as FEEDBACK_RESIDUALS
+from sessa_jax.ops.mixed_einsum import mixed_einsum
 
 _MIXERS = {"sessa": SessaLayer, "transformer": AttentionBlock, "mamba": MambaBlock,
            "mamba2": Mamba2Block}
@@ -356,40 +356,13 @@ def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
 
 def _head_logits(spec, h, w):
     """h (..., D) @ head weight -> float32 logits; operands in the compute dtype, float32
-    accumulation (``preferred_element_type``). In a 16-bit compute dtype the backward pass
-    also runs in it (:func:`_low_head`); float32 and float64 models differentiate as usual."""
+    accumulation. In a 16-bit compute dtype the backward's two products also take 16-bit
+    operands (:func:`sessa_jax.ops.mixed_einsum.mixed_einsum`: plain autodiff would multiply the
+    float32 cotangent of the logits with them, promoting the largest matmuls of a 125M model's
+    step to TF32); float32 and float64 models differentiate as usual."""
     if w.dtype == jnp.float64:  # float64 models: as before, a float64 product cast to float32
         return jnp.einsum(spec, h.astype(w.dtype), w).astype(jnp.float32)
-    if jnp.dtype(w.dtype).itemsize == 2:
-        return _low_head(spec, h.astype(w.dtype), w)
-    return jnp.einsum(spec, h.astype(w.dtype), w, preferred_element_type=jnp.float32)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _low_head(spec, h, w):
-    """The LM head in a 16-bit compute dtype: float32 logits out, and a backward pass whose two
-    products take the logits' cotangent in the compute dtype. Plain autodiff would multiply
-    the float32 cotangent with the 16-bit operands, which promotes both products to float32
-    (TF32 GEMMs at about half the bf16 rate on an H200: 2 of the 3 LM-head products, the
-    largest matmuls of a 125M model's step). Accumulation stays float32 in all three."""
-    return jnp.einsum(spec, h, w, preferred_element_type=jnp.float32)
-
-
-def _low_head_fwd(spec, h, w):
-    return _low_head(spec, h, w), (h, w)
-
-
-def _low_head_bwd(spec, res, g):
-    h, w = res
-    g = g.astype(w.dtype)
-    ins, out = spec.split("->")
-    sh, sw = ins.split(",")
-    dh = jnp.einsum(f"{out},{sw}->{sh}", g, w, preferred_element_type=jnp.float32)
-    dw = jnp.einsum(f"{out},{sh}->{sw}", g, h, preferred_element_type=jnp.float32)
-    return dh.astype(h.dtype), dw.astype(w.dtype)
-
-
-_low_head.defvjp(_low_head_fwd, _low_head_bwd)
+    return mixed_einsum(spec, h.astype(w.dtype), w)
 
 
 def count_params(model: nnx.Module) -> int:

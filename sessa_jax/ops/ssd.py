@@ -34,8 +34,10 @@ Two implementations of the same math:
 
 Dtypes: the product operands (x, B, C, the masked C B^T, the carried state) are cast to the
 dtype of ``x`` (the compute dtype: bf16 in training) and accumulated in float32
-(``preferred_element_type``); dt, A, the cumulative sums, the decays and the carried state are
-float32 (float64 when any input is float64, for the parity tests). Outputs: float32 (float64).
+(``preferred_element_type``), forward and backward (the cotangents enter the backward
+products in the compute dtype: ``sessa_jax/ops/mixed_einsum.py``); dt, A, the cumulative sums,
+the decays and the carried state are float32 (float64 when any input is float64, for the parity
+tests). Outputs: float32 (float64).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from sessa_jax.ops.mixed_einsum import mixed_einsum
 
 
 def _sdt(*arrays) -> jnp.dtype:
@@ -56,8 +60,10 @@ def _sdt(*arrays) -> jnp.dtype:
 
 
 def _dot(spec, a, b, acc):
-    """einsum with float32 (acc) accumulation; operands as given (the compute dtype)."""
-    return jnp.einsum(spec, a, b, preferred_element_type=acc)
+    """einsum with float32 (acc) accumulation; operands as given (the compute dtype). With
+    16-bit operands the backward products take 16-bit operands too (``mixed_einsum``): plain
+    autodiff would promote them to float32 with the float32 cotangents of y and the states."""
+    return mixed_einsum(spec, a, b, acc)
 
 
 def _check(x, dt, A, Bm, Cm):
