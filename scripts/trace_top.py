@@ -3,6 +3,7 @@
 
     python scripts/trace_top.py runs/x/profile                 # a run's run.profile_steps trace
     python scripts/trace_top.py trace.json.gz --steps 3 --top 40
+    python scripts/trace_top.py trace.json.gz --steps 3 --hlo module.jit_step.sm_9.0a_gpu_after_optimizations.txt
 
 Reads the Perfetto trace (``*.trace.json.gz`` / ``perfetto_trace.json.gz``, written with
 ``create_perfetto_trace=True``: the training loop's ``run.profile_steps`` and
@@ -10,6 +11,12 @@ Reads the Perfetto trace (``*.trace.json.gz`` / ``perfetto_trace.json.gz``, writ
 stream by kernel name. ``--steps`` divides by the number of traced steps, so the figures read
 as milliseconds per step. Works on any machine (the trace is plain JSON), so a trace taken on
 the GPU can be read here.
+
+``--hlo``: the step's optimized HLO text (``XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_as_text
+--xla_dump_hlo_module_re=jit_step"``) adds a table that groups the kernels by what they are:
+the HLO instruction's kind (fusion kind or custom-call target), output shape and the JAX op it
+came from, summed over the layers (fusion names differ only by their numeric suffix per layer).
+That is how a slow merged GEMM or a transpose is traced back to a line of model code.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 
 
@@ -77,11 +85,42 @@ def category(name: str) -> str:
     return "other"
 
 
+def hlo_instructions(hlo_path: str) -> dict:
+    """name -> (kind, output shape, JAX op name) for every instruction of an HLO text dump."""
+    opener = gzip.open if hlo_path.endswith(".gz") else open
+    with opener(hlo_path, "rt") as fh:
+        text = fh.read()
+    out = {}
+    pat = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$", re.M)
+    for m in pat.finditer(text):
+        name, shape, op, rest = m.groups()
+        tgt = re.search(r'custom_call_target="([^"]+)"', rest)
+        kind = re.search(r"kind=(\w+)", rest)
+        src = re.search(r'op_name="([^"]+)"', rest)
+        out[name] = (op + (f":{tgt.group(1)}" if tgt else "") + (f":{kind.group(1)}" if kind else ""),
+                     shape, src.group(1) if src else "")
+    return out
+
+
+def by_hlo(dur: collections.Counter, count: collections.Counter, hlo: dict) -> list:
+    """Kernels grouped by (name without its numeric suffix, kind, output shape), largest first:
+    [(us, launches, base name, kind, shape, a JAX op name)]."""
+    groups = {}
+    for name, d in dur.items():
+        kind, shape, src = hlo.get(name, ("?", "?", ""))
+        key = (re.sub(r"\.\d+$", "", name), kind, shape)
+        g = groups.setdefault(key, [0.0, 0, src])
+        g[0] += d
+        g[1] += count[name]
+    return sorted(((g[0], g[1], *k, g[2]) for k, g in groups.items()), key=lambda r: -r[0])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("trace", help="a trace file or a directory holding one")
     p.add_argument("--steps", type=int, default=1, help="traced steps (per-step figures)")
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--hlo", default=None, help="the step's optimized HLO text (.txt or .txt.gz)")
     args = p.parse_args(argv)
     path = find_trace(args.trace)
     dur, count = device_kernels(path)
@@ -98,6 +137,13 @@ def main(argv=None) -> int:
     print("\n| ms/step | launches/step | share | kernel |\n|---|---|---|---|")
     for name, d in dur.most_common(args.top):
         print(f"| {d / 1e3 / s:.3f} | {count[name] / s:.0f} | {d / total:.1%} | `{name[:100]}` |")
+    if args.hlo:
+        rows = by_hlo(dur, count, hlo_instructions(args.hlo))
+        print("\n| ms/step | launches/step | kernel | HLO kind | output shape | from |"
+              "\n|---|---|---|---|---|---|")
+        for d, n, base, kind, shape, src in rows[: args.top]:
+            print(f"| {d / 1e3 / s:.3f} | {n / s:.0f} | `{base}` | {kind[:40]} | `{shape[:80]}` "
+                  f"| `{src[:70]}` |")
     return 0
 
 

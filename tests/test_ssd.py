@@ -119,12 +119,16 @@ def test_resets_equal_running_the_pieces_alone(x64):
     rng = np.random.default_rng(6)
     w, bias, u, hist = (jnp.asarray(rng.standard_normal(s)) for s in ((4, 6), (6,), (1, T, 6),
                                                                        (1, 3, 6)))
-    conv = causal_conv(jnp.concatenate([hist, u], 1), w, bias, resets)
+    conv = causal_conv(u, w, bias, resets, history=hist)
     # the first piece reads the history, later ones start from zeros
     hists = jnp.zeros((n, 3, 6), hist.dtype).at[0].set(hist[0])
-    cp = causal_conv(jnp.concatenate([hists, _pieces(u, bounds, T)], 1), w, bias)
+    cp = causal_conv(_pieces(u, bounds, T), w, bias, history=hists)
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         assert rel_err(conv[0, a:b], cp[i, : b - a]) <= 1e-12, i
+    # no history (training's form: shifted taps, no copy) equals a zero history, T = 1 too
+    for v, r in ((u, resets), (u[:, :1], resets[:, :1])):
+        zero = jnp.zeros((1, 3, 6), v.dtype)
+        assert rel_err(causal_conv(v, w, bias, r), causal_conv(v, w, bias, r, zero)) <= 1e-15
 
 
 def test_bf16_operands_float32_state():

@@ -111,19 +111,25 @@ class Mamba2Block(nnx.Module):
         dt = self._dtype
         W = self.in_proj.kernel[...].astype(dt)
         u = u.astype(dt)
-        z, x = u @ W[:, :E], u @ W[:, E:]
-        bcdt = self.bcdt_proj(u)
+        # Each product on its own copy of u (an optimization barrier is an identity): XLA's dot
+        # merger would otherwise fuse x's product with the (B, C, dt) one into a (D, E + 2GN + H)
+        # product whose odd width (2271 at 125M) runs as a Triton GEMM at about a fifth of
+        # cuBLAS's rate, and whose backward concatenates the two cotangents first (H200, 125M:
+        # 20 ms of a 135 ms step; benchmarks/h200_2026-12-03b/).
+        ux, ub = jax.lax.optimization_barrier((u, u))
+        z, x = u @ W[:, :E], ux @ W[:, E:]
+        bcdt = self.bcdt_proj(ub)
         return z, x, bcdt[..., : F - E], bcdt[..., F - E :]
 
-    def _conv(self, xp, bcp, resets=None):
-        """The conv on x and on (B, C), each with its K-1 history inputs first: xp
-        (B, K-1+T, E), bcp (B, K-1+T, 2GN) -> SiLU(conv) of each, (B, T, E) and (B, T, 2GN).
-        Two convs, not one on [x | B | C]: x is split by tensor parallelism, B and C are not."""
+    def _conv(self, x, bc, hx=None, hbc=None, resets=None):
+        """The conv on x (B, T, E) and on (B, C) (B, T, 2GN), with their K-1 history inputs hx,
+        hbc (or None: zeros) -> SiLU(conv) of each, (B, T, E) and (B, T, 2GN). Two convs, not
+        one on [x | B | C]: x is split by tensor parallelism, B and C are not."""
         E = self.cfg.d_inner
         w = self.conv_kernel[...].astype(self._dtype)
         b = self.conv_bias[...].astype(self._dtype)
-        return (jax.nn.silu(causal_conv(xp, w[:, :E], b[:E], resets)),
-                jax.nn.silu(causal_conv(bcp, w[:, E:], b[E:], resets)))
+        return (jax.nn.silu(causal_conv(x, w[:, :E], b[:E], resets, hx)),
+                jax.nn.silu(causal_conv(bc, w[:, E:], b[E:], resets, hbc)))
 
     def _ssm_inputs(self, x, bc, dt_in):
         """Conv outputs x (..., E), bc (..., 2GN) and dt_in (..., H) -> x (..., H, P), B, C
@@ -140,13 +146,14 @@ class Mamba2Block(nnx.Module):
         return x, Bm, Cm, dt
 
     def _gated_out(self, y, z):
-        """y (..., E) SSD output (state dtype), z (..., E) gate -> out_proj(RMSNorm(y * SiLU(z)))
-        with the RMS taken over each group's E/G channels, in float32."""
+        """y (..., E) SSD output, z (..., E) gate -> out_proj(RMSNorm(y * SiLU(z))) with the RMS
+        taken over each group's E/G channels, computed in the state dtype (float32)."""
         c = self.cfg
-        g = y * jax.nn.silu(z.astype(y.dtype))
+        sdt = self._sdt
+        g = y.astype(sdt) * jax.nn.silu(z.astype(sdt))
         gg = g.reshape(*g.shape[:-1], c.ngroups, c.d_inner // c.ngroups)
         gg = gg * jax.lax.rsqrt(jnp.mean(gg * gg, axis=-1, keepdims=True) + c.ln_eps)
-        g = gg.reshape(g.shape) * self.norm_weight[...].astype(y.dtype)
+        g = gg.reshape(g.shape) * self.norm_weight[...].astype(sdt)
         return self.out_proj(g.astype(self._dtype))
 
     def _mix_seq(self, u, conv_state, h0, mask, resets):
@@ -154,18 +161,20 @@ class Mamba2Block(nnx.Module):
         (zeros); h0 (B, H, P, N) or None; mask (B, T) bool or None (False: pad, the state does
         not advance); resets (B, T) bool or None (True: a document starts, state and conv
         restart). Returns out (B, T, D), the conv inputs with history xp (B, K-1+T, E) and
-        bcp (B, K-1+T, 2GN), and the final state."""
+        bcp (B, K-1+T, 2GN) (None when conv_state is None), and the final state."""
         B, T, _ = u.shape
-        E, K, F = self.cfg.d_inner, self.cfg.d_conv, self.cfg.conv_dim
+        E = self.cfg.d_inner
         inner = ("batch", "length", "act_mlp")
         z, x, bc, dt_in = self._project(u)
         z, x = constrain(z, inner), constrain(x, inner)
-        if conv_state is None:
-            conv_state = jnp.zeros((B, K - 1, F), x.dtype)
-        conv_state = conv_state.astype(x.dtype)
-        xp = jnp.concatenate([conv_state[..., :E], x], axis=1)
-        bcp = jnp.concatenate([conv_state[..., E:], bc], axis=1)
-        xc, bcc = self._conv(xp, bcp, resets)
+        if conv_state is None:  # training: a zero history, no copy of the inputs
+            hx = hbc = xp = bcp = None
+        else:
+            conv_state = conv_state.astype(x.dtype)
+            hx, hbc = conv_state[..., :E], conv_state[..., E:]
+            xp = jnp.concatenate([hx, x], axis=1)  # for prefill's cache of the last inputs
+            bcp = jnp.concatenate([hbc, bc], axis=1)
+        xc, bcc = self._conv(x, bc, hx, hbc, resets)
         x, Bm, Cm, dt = self._ssm_inputs(xc, bcc, dt_in)
         if mask is not None:
             dt = jnp.where(mask[..., None], dt, 0.0)  # dt = 0: decay 1, nothing added
@@ -173,7 +182,11 @@ class Mamba2Block(nnx.Module):
         A = -jnp.exp(self.A_log[...].astype(sdt))
         y, hT = ssd(x, dt, A, Bm, Cm, self.D[...].astype(sdt), h0, resets=resets,
                     impl=self.cfg.scan_impl, chunk_size=self.cfg.chunk_size)
-        return self._gated_out(y.reshape(B, T, E), z), xp, bcp, hT
+        # y leaves the scan in the compute dtype, as an attention output does: XLA fuses the cast
+        # into the scan's last fusion, so the (B, T, E) float32 y is never written, nor its
+        # cotangent; the gate and norm upcast it again (float32 models: no-op)
+        y = y.astype(self._dtype).reshape(B, T, E)
+        return self._gated_out(y, z), xp, bcp, hT
 
     # ------------------------------------------------------------------ public API
 
@@ -243,12 +256,12 @@ class Mamba2Block(nnx.Module):
         hist = cache.conv.astype(x.dtype)  # (B, K-1, F)
         xp = jnp.concatenate([hist[..., :E], x[:, None]], axis=1)  # (B, K, E)
         bcp = jnp.concatenate([hist[..., E:], bc[:, None]], axis=1)
-        xc, bcc = self._conv(xp, bcp)
+        xc, bcc = self._conv(x[:, None], bc[:, None], hist[..., :E], hist[..., E:])
         x, Bm, Cm, dt = self._ssm_inputs(xc[:, 0], bcc[:, 0], dt_in)
         sdt = cache.ssm.dtype
         A = -jnp.exp(self.A_log[...].astype(sdt))
         y, h = ssd_step(x, dt, A, Bm, Cm, self.D[...].astype(sdt), cache.ssm)
-        out = self._gated_out(y.reshape(y.shape[0], -1), z)[:, None]
+        out = self._gated_out(y.astype(self._dtype).reshape(y.shape[0], -1), z)[:, None]
         conv = jnp.concatenate([xp[:, 1:], bcp[:, 1:]], axis=-1)
         new = Mamba2Cache(conv=conv.astype(cache.conv.dtype), ssm=h.astype(cache.ssm.dtype),
                           pos=cache.pos + 1)

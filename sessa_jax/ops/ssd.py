@@ -230,24 +230,35 @@ def ssd(x, dt, A, Bm, Cm, Dskip=None, h0=None, *, resets=None, impl: str = "chun
 # ------------------------------------------------------------------------ causal conv
 
 
-def causal_conv(xp, w, bias, resets=None):
-    """Causal depthwise conv with history. xp (B, K-1+T, F): K-1 history inputs, then T new
-    ones; w (K, F) (w[K-1] multiplies the newest input), bias (F,) -> (B, T, F).
+def causal_conv(x, w, bias, resets=None, history=None):
+    """Causal depthwise conv. x (B, T, F) new inputs; w (K, F) (w[K-1] multiplies the newest
+    input), bias (F,); history (B, K-1, F) the K-1 inputs before x (oldest first), or None for
+    zeros -> (B, T, F).
 
-    out_t = bias + sum_k w[k] xp[t + k]: taps over inputs t-K+1 .. t. With ``resets`` (B, T)
-    bool, a tap that reaches before the last reset at or before t (into the previous document,
-    or into the history) reads zero.
+    out_t = bias + sum_k w[k] in[t + k - K + 1]: taps over inputs t-K+1 .. t, reaching into the
+    history before t = K-1. With ``resets`` (B, T) bool, a tap that reaches before the last reset
+    at or before t (into the previous document, or into the history) reads zero.
+
+    Without a history (training) each tap is x shifted with zeros, which XLA fuses into the one
+    multiply-add loop: no (B, K-1+T, F) copy of the input is made (one per layer and step).
     """
     K = w.shape[0]
-    T = xp.shape[1] - (K - 1)
+    T = x.shape[1]
+    if history is not None:
+        xp = jnp.concatenate([history.astype(x.dtype), x], axis=1)
     if resets is not None:
         t = jnp.arange(T, dtype=jnp.int32)
         last = lax.cummax(jnp.where(resets, t, -K), axis=1)  # -K: no reset yet, all taps ok
         reach = (t - last)[..., None]  # (B, T, 1): how far back the document allows
     out = bias
     for k in range(K):  # K is small (4): K shifted multiply-adds beat a generic conv here
-        tap = xp[:, k : k + T]
         lag = K - 1 - k
+        if history is not None:
+            tap = xp[:, k : k + T]
+        elif lag:
+            tap = jnp.pad(x, ((0, 0), (lag, 0), (0, 0)))[:, :T]
+        else:
+            tap = x
         if resets is not None and lag:
             tap = jnp.where(reach >= lag, tap, 0)
         out = out + w[k] * tap
