@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from conftest import rel_err, xla_flags
 from sessa_jax.ops.attention import (
     attention_reference, blocked_attention, causal_attention, check_attention_impl,
     splash_attention,
@@ -106,7 +106,7 @@ for hkv in (2, 1):  # kv heads split over tensor, and too few to split (repeated
 
 def test_splash_under_mesh_runs_in_shard_map():
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+               XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"))
     p = subprocess.run([sys.executable, "-c", _SPLASH_MESH], env=env, capture_output=True,
                        text=True, timeout=300, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -16,6 +16,8 @@ import textwrap
 
 import yaml
 
+from conftest import xla_flags
+
 CONFIG = {
     "model": {"family": "sessa", "d_model": 16, "n_layers": 1, "n_heads": 2, "mlp_ratio": 2},
     "data": {"task": "symbol_soup", "seq_len": 16, "num_eval_examples": 8},
@@ -29,7 +31,7 @@ CONFIG = {
 def env_for(devices: int) -> dict:
     env = dict(os.environ)
     env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"))
     for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(k, None)
     return env

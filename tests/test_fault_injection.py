@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import xla_flags
+
 STEPS = 16
 KILLS = 2  # one by time, one by progress (the two kinds of kill below)
 CONFIG = {
@@ -42,6 +44,7 @@ def env(**extra) -> dict:
     for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "XLA_FLAGS",
               "JAX_COMPILATION_CACHE_DIR"):
         e.pop(k, None)
+    e["XLA_FLAGS"] = xla_flags()
     e.update({k: str(v) for k, v in extra.items()})
     return e
 

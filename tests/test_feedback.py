@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from conftest import rel_err, xla_flags
 from sessa_jax.ops.feedback import feedback_dense, feedback_solve
 
 
@@ -148,7 +148,7 @@ def test_batch_sharded_solve_on_two_cpu_devices_finishes():
     import sys
 
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+               XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"))
     try:
         p = subprocess.run([sys.executable, "-c", _SHARDED_SOLVE], env=env, capture_output=True,
                            text=True, timeout=180)

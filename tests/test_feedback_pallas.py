@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from conftest import rel_err, xla_flags
 from sessa_jax.ops.feedback import feedback_solve
 from sessa_jax.ops.feedback_pallas import feedback_pallas
 
@@ -149,7 +149,7 @@ def test_spread_rows_puts_kernels_under_shard_map():
     import sys
 
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+               XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"))
     p = subprocess.run([sys.executable, "-c", _SPREAD], env=env, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -3,9 +3,10 @@
 Every command line of every ```bash block (and the ```python block) of README.md is parsed here,
 so README and test cannot drift: each must match exactly one rule below. A rule runs the line
 verbatim in a temporary copy of configs/, scripts/ and the *.md files, appending only overrides
-that make it short (fewer steps, fewer eval examples); or names why the line is not walked here
-(GPU-only, hours on a CPU, the test suite itself, covered by another test). A README command
-with no rule fails the test.
+that make it short (fewer steps, fewer eval examples, one layer); or names why the line is not
+walked here (GPU-only, hours on a CPU, the test suite itself, covered by another test). A README
+command with no rule fails the test. The walked lines run as a few independent chains (CHAINS),
+one test each.
 """
 
 import os
@@ -17,14 +18,19 @@ import tomllib
 
 import pytest
 
+from conftest import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 
-SHORT_RUN = " run.steps=2 run.eval_every=0 checkpoint.every_steps=2 data.num_eval_examples=16"
+# one layer: every walked model compiles in about half the time (layers are not scanned)
+SHORT_RUN = (" run.steps=2 run.eval_every=0 checkpoint.every_steps=2 data.num_eval_examples=16"
+             " model.n_layers=1")
 # (prefix of the command line, what to append, or None with the reason it is not walked)
 RULES = [
     ("python3 -m venv .venv && . .venv/bin/activate && pip install -e . && sessa-train",
-     " run.steps=10 run.eval_every=0 checkpoint.every_steps=5 data.num_eval_examples=64"),
+     " run.steps=10 run.eval_every=0 checkpoint.every_steps=5 data.num_eval_examples=64"
+     " model.n_layers=1"),
     ("python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e",
      (None, "the test suite itself")),
     ("sessa-train --config configs/tasks/mqar-sessa.yaml",
@@ -90,17 +96,18 @@ def test_every_readme_command_has_a_rule():
                                            f"{sorted({r[0] for r in RULES} - used)}"
 
 
-@pytest.fixture(scope="module")
-def clone(tmp_path_factory):
+@pytest.fixture
+def clone(tmp_path):
     """A fresh copy of what a clone has at its root (no runs/, no data/), and its env."""
-    d = tmp_path_factory.mktemp("clone")
+    d = tmp_path / "clone"
+    d.mkdir()
     for name in ("configs", "scripts"):
         shutil.copytree(os.path.join(ROOT, name), d / name)
     for name in os.listdir(ROOT):
         if name.endswith(".md"):
             shutil.copy(os.path.join(ROOT, name), d / name)
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = xla_flags()  # the suite's fast compiles only (a line may set its own)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     assert shutil.which("python", path=env["PATH"]), "python is not on PATH"
@@ -131,13 +138,8 @@ def run_line(line: str, cwd, env) -> str:
     return out
 
 
-def test_readme_commands_run_as_written_after_the_quickstart(clone):
-    """The quickstart first; then the other lines two at a time (they only read its run), except
-    those that need an earlier line's output (the text run needs prepare_text's corpus, the
-    stdlib lines each the one before)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    d, env = clone
+def walk_lines() -> tuple[list, list]:
+    """-> ([(README command, the shell line the walk runs)], [(skipped command, why)])."""
     lines, skipped, variables = [], [], {}
     for cmd in readme_commands():
         rule = rule_for(cmd)
@@ -153,31 +155,93 @@ def test_readme_commands_run_as_written_after_the_quickstart(clone):
             line = "sessa-train" + cmd[len(QUICKSTART):]
         used = [a for name, a in variables.items() if re.search(rf"\${name}\b", cmd)]
         lines.append((cmd, " && ".join(used + [line + rule])))
-    first, rest = lines[0], lines[1:]
-    assert first[0].startswith(QUICKSTART)
-    run_line(first[1], d, env)
-    later = [x for x in rest if ("data/corpus" in x[0] and "prepare_text" not in x[0])
-             or "q-continued" in x[0] or "stdlib" in x[0]]
-    # after prepare_text / the hf export; the stdlib tokenizer, corpus, run: in README order
-    now = [x for x in rest if x not in later]
-    with ThreadPoolExecutor(2) as pool:
-        outs = dict(zip([c for c, _ in now], pool.map(lambda x: run_line(x[1], d, env), now)))
-    for cmd, line in later:
-        outs[cmd] = run_line(line, d, env)
-    cwd = os.getcwd()
-    try:  # the python block that loads the hf export, where the walk wrote it
-        os.chdir(d)
-        for code in python_blocks(hf=True):
-            exec(compile(code, "README.md", "exec"), {})
-    finally:
-        os.chdir(cwd)
-    example = [o for c, o in outs.items() if "--example 0" in c]
-    assert example and "expected:" in example[0] and "correct" in example[0], example
-    assert (d / "runs" / "quickstart" / "summary.json").exists()
-    assert (d / "exported" / "config.json").exists() and (d / "curves.png").exists()
-    assert (d / "runs" / "text" / "summary.json").exists() and len(lines) >= 15, lines
-    assert (d / "runs" / "text-stdlib" / "summary.json").exists()
+    return lines, skipped
+
+
+# The walked lines in independent chains, each a test of its own (xdist runs them side by
+# side): a chain's lines need only earlier lines of the same chain. (chain, does a command
+# belong to it); every walked line must be in exactly one chain.
+CHAINS = [
+    # the quickstart's run, and everything that reads it (eval, generate, export, plot), then
+    # the hf import of its export and the imported run's training
+    ("quickstart", lambda c: c.startswith(QUICKSTART) or "runs/quickstart" in c
+     or "q-continued" in c or c.startswith("sessa-import")),
+    ("mqar", lambda c: "configs/tasks/mqar-sessa.yaml" in c and c.startswith("sessa-train")),
+    ("fsdp2", lambda c: "mesh.fsdp=2" in c),
+    # prepare_text, then the run on its corpus; then the stdlib tokenizer, corpus and run (in
+    # README order: train_tokenizer.py writes into the data/ that prepare_text made)
+    ("text", lambda c: "data/corpus" in c or "stdlib" in c.lower()),
+    ("scripts", lambda c: c.startswith(("python scripts/param_count.py",
+                                        "python scripts/influence.py"))),
+]
+
+
+def chain_lines(name: str) -> list:
+    lines, _ = walk_lines()
+    return [x for x in lines if dict(CHAINS)[name](x[0])]
+
+
+def test_every_walked_line_is_in_exactly_one_chain():
+    lines, skipped = walk_lines()
+    assert len(lines) >= 15 and lines[0][0].startswith(QUICKSTART), lines
+    for cmd, _ in lines:
+        hits = [name for name, pred in CHAINS if pred(cmd)]
+        assert len(hits) == 1, f"README line in chains {hits} (want exactly one): {cmd!r}"
+    assert all(chain_lines(name) for name, _ in CHAINS)
     print(f"walked {len(lines)} README commands; not walked: {skipped}")
+
+
+@pytest.mark.parametrize("chain", [name for name, _ in CHAINS])
+def test_readme_commands_run_as_written(chain, clone):
+    """The walked README lines of one chain, in README order, in a fresh copy of the
+    repository. In the quickstart chain the quickstart runs first; then the lines that only
+    read its run, two at a time, the hf export followed by the hf import and the imported run's
+    training (they need that export) as one of them. The README's python block that loads the
+    hf export runs at its end."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    d, env = clone
+    lines = chain_lines(chain)
+    outs = {}
+    if chain == "quickstart":
+        first, rest = lines[0], lines[1:]
+        assert first[0].startswith(QUICKSTART)
+        run_line(first[1], d, env)
+        # the hf export, then (they need it) the import and the imported run's training: one
+        # task, started first; the other readers of the quickstart's run beside it
+        later = [x for x in rest if "q-continued" in x[0]]
+        hf = [x for x in rest if x[0].startswith("sessa-export") and "--format hf" in x[0]]
+        assert len(hf) == 1 and later, (hf, later)
+        tasks = [hf + later] + [[x] for x in rest if x not in later + hf]
+        with ThreadPoolExecutor(2) as pool:
+            for done in pool.map(lambda t: [(c, run_line(l, d, env)) for c, l in t], tasks):
+                outs.update(done)
+    else:
+        for cmd, line in lines:
+            outs[cmd] = run_line(line, d, env)
+    if chain == "quickstart":
+        cwd = os.getcwd()
+        try:  # the python block that loads the hf export, where the walk wrote it
+            os.chdir(d)
+            for code in python_blocks(hf=True):
+                exec(compile(code, "README.md", "exec"), {})
+        finally:
+            os.chdir(cwd)
+        example = [o for c, o in outs.items() if "--example 0" in c]
+        assert example and "expected:" in example[0] and "correct" in example[0], example
+        assert (d / "runs" / "quickstart" / "summary.json").exists()
+        assert (d / "exported" / "config.json").exists() and (d / "curves.png").exists()
+        assert (d / "runs" / "q-continued" / "summary.json").exists()
+    elif chain == "mqar":
+        assert (d / "runs" / "mqar-sessa" / "summary.json").exists()
+    elif chain == "fsdp2":
+        assert (d / "runs" / "q2" / "summary.json").exists()
+    elif chain == "text":
+        assert (d / "runs" / "text" / "summary.json").exists()
+        assert (d / "runs" / "text-stdlib" / "summary.json").exists()
+    else:
+        assert len(outs) == 2 and all(outs.values()), outs
+    print(f"walked {len(lines)} README commands of chain {chain}")
 
 
 def python_blocks(hf: bool) -> list[str]:

@@ -15,13 +15,18 @@ from sessa_jax.models import SessaConfig, SessaLayer
 assert FIXTURES, "tests/fixtures/sessa_layer_*.npz are missing"
 
 
-def _grads(layer, x, w):
+def _forward_and_grads(layer, x, w):
+    """-> (layer(x), (d state, d x) of sum(layer(x) * w)): one compiled program for both (the
+    eager forward compiles op by op, several times slower; eager == jit is checked on its own
+    in test_jit_matches_eager_and_decode_matches_full)."""
     graphdef, state = nnx.split(layer)
 
     def loss(state, x):
-        return jnp.sum(nnx.merge(graphdef, state)(x) * w)
+        y = nnx.merge(graphdef, state)(x)
+        return jnp.sum(y * w), y
 
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))(state, x)
+    (_, y), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(state, x)
+    return y, g
 
 
 def _param_grad(gstate, path, transpose):
@@ -35,7 +40,7 @@ def _param_grad(gstate, path, transpose):
 def _decode(layer, x, prefill_len):
     B, T, _ = x.shape
     cache = layer.init_cache(B, T)
-    y0, cache = layer.prefill(x[:, :prefill_len], cache)
+    y0, cache = jax.jit(lambda xp, c: layer.prefill(xp, c))(x[:, :prefill_len], cache)
     step = jax.jit(lambda xt, c: layer.decode_step(xt, c))
     outs = [y0]
     for t in range(prefill_len, T):
@@ -52,8 +57,8 @@ def test_parity_float64(path, impl, x64):
     z = np.load(path)
     layer = layer_from_reference(load_reference_state(path), cfg)
     x = jnp.asarray(z["x"])
-    assert rel_err(layer(x), z["y"]) <= 1e-9
-    gstate, gx = _grads(layer, x, jnp.asarray(z["w_loss"]))
+    y, (gstate, gx) = _forward_and_grads(layer, x, jnp.asarray(z["w_loss"]))
+    assert rel_err(y, z["y"]) <= 1e-9
     assert rel_err(gx, z["grad/x"]) <= 1e-9
     # Scale for gradients that are ~0 in exact arithmetic (a key bias cancels in softmax):
     # compare those against the largest gradient instead of their own rounding noise.
@@ -72,8 +77,8 @@ def test_parity_float32(path):
     z = np.load(path)
     layer = layer_from_reference(load_reference_state(path), cfg)
     x = jnp.asarray(z["x"], jnp.float32)
-    assert rel_err(layer(x), z["y"]) <= 1e-4
-    gstate, gx = _grads(layer, x, jnp.asarray(z["w_loss"], jnp.float32))
+    y, (gstate, gx) = _forward_and_grads(layer, x, jnp.asarray(z["w_loss"], jnp.float32))
+    assert rel_err(y, z["y"]) <= 1e-4
     assert rel_err(gx, z["grad/x"]) <= 1e-4
     for name in ("W_in.weight", "mixer.proj_fb.weight", "mixer.gamma_bias", "mixer.q_proj.weight"):
         p, tr = _name_table(cfg)[name]
@@ -121,16 +126,19 @@ def test_jit_matches_eager_and_decode_matches_full():
 
 
 def test_prefill_lengths_right_padding():
-    """A right-padded prompt with lengths gives each row what its own prompt alone gives."""
+    """A right-padded prompt with lengths gives each row what its own prompt alone gives
+    (prefill and decode jitted: op-by-op eager compiles several times as much)."""
     cfg = SessaConfig(d_model=16, n_heads=2, chunk_size=4)
     layer = SessaLayer(cfg, rngs=nnx.Rngs(2))
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 16))
     nxt = jax.random.normal(jax.random.PRNGKey(1), (2, 1, 16))
     lengths = jnp.array([9, 5])
-    _, cache = layer.prefill(x, layer.init_cache(2, 12), lengths)
-    y_next, _ = layer.decode_step(nxt, cache)
-    _, c1 = layer.prefill(x[1:, :5], layer.init_cache(1, 12))
-    y1, _ = layer.decode_step(nxt[1:], c1)
+    prefill = jax.jit(lambda x, c, n=None: layer.prefill(x, c, n))
+    decode = jax.jit(lambda x, c: layer.decode_step(x, c))
+    _, cache = prefill(x, layer.init_cache(2, 12), lengths)
+    y_next, _ = decode(nxt, cache)
+    _, c1 = prefill(x[1:, :5], layer.init_cache(1, 12))
+    y1, _ = decode(nxt[1:], c1)
     np.testing.assert_allclose(y_next[1:], y1, rtol=1e-5, atol=1e-5)
 
 

@@ -23,6 +23,11 @@ def params_of(module):
     return nnx.to_flat_state(nnx.state(module, nnx.Param))
 
 
+def jit_call(layer, x):
+    """layer(x), jitted: one compile instead of the eager forward's many per-op compiles."""
+    return nnx.jit(lambda m, x: m(x))(layer, x)
+
+
 def test_qk_norm_off_is_the_reference_layer_and_on_only_adds_two_scales():
     x = jax.random.normal(jax.random.PRNGKey(1), (2, T, D))
     off = SessaLayer(SessaConfig(**BASE), rngs=nnx.Rngs(0))
@@ -36,7 +41,7 @@ def test_qk_norm_off_is_the_reference_layer_and_on_only_adds_two_scales():
     assert len(layer_to_reference(off)) == len(p_off)  # off maps onto the author's names
     with pytest.raises(ValueError, match="feedback_qk_norm=True"):
         layer_to_reference(on)
-    y_off, y_on = np.asarray(off(x)), np.asarray(on(x))
+    y_off, y_on = np.asarray(jit_call(off, x)), np.asarray(jit_call(on, x))
     assert np.all(np.isfinite(y_on)) and np.max(np.abs(y_on - y_off)) > 1e-4
     from sessa_jax.models.sizing import mixer_params
     from sessa_jax.train.metrics import param_count
@@ -60,7 +65,7 @@ def test_gamma_bias_init_moves_only_the_gain_bias():
     for k, v in p_ref.items():
         if k != key:
             np.testing.assert_array_equal(np.asarray(v[...]), np.asarray(p_abl[k][...]))
-    assert np.max(np.abs(np.asarray(ref(x)) - np.asarray(abl(x)))) > 1e-4
+    assert np.max(np.abs(np.asarray(jit_call(ref, x)) - np.asarray(jit_call(abl, x)))) > 1e-4
     m = ModelConfig(family="sessa", vocab_size=20, d_model=D, n_layers=1, n_heads=2,
                     gamma_bias_init=0.25)
     assert m.block_config().gamma_bias_init == 0.25
@@ -82,7 +87,7 @@ def test_qk_norm_bounds_the_scores_and_gives_finite_grads():
         _, st = layer_stats(layer, x)
         stats[on] = {k: float(v) for k, v in st.items()}
         if on:
-            g = nnx.grad(lambda m: jnp.sum(jnp.square(m(x))))(layer)
+            g = nnx.jit(nnx.grad(lambda m: jnp.sum(jnp.square(m(x)))))(layer)
             leaves = jax.tree.leaves(g)
             assert leaves and all(np.all(np.isfinite(np.asarray(v))) for v in leaves)
             assert float(jnp.abs(g.mixer.fb_q_norm.scale[...]).sum()) > 0  # it is trained
@@ -92,14 +97,17 @@ def test_qk_norm_bounds_the_scores_and_gives_finite_grads():
 
 
 def test_qk_norm_decode_equals_full_sequence():
+    """Prefill of 3 then 3 decode steps equal the full forward (all jitted: one decode
+    compile for the three steps)."""
     layer = SessaLayer(SessaConfig(**BASE, feedback_qk_norm=True), rngs=nnx.Rngs(3))
     x = jax.random.normal(jax.random.PRNGKey(4), (1, 6, D))
-    full = np.asarray(layer(x))
+    full = np.asarray(jit_call(layer, x))
     cache = layer.init_cache(1, 6)
-    y0, cache = layer.prefill(x[:, :3], cache)
+    y0, cache = jax.jit(lambda x, c: layer.prefill(x, c))(x[:, :3], cache)
+    decode = jax.jit(lambda x, c: layer.decode_step(x, c, check=False))
     outs = [np.asarray(y0)]
     for t in range(3, 6):
-        y, cache = layer.decode_step(x[:, t:t + 1], cache, check=False)
+        y, cache = decode(x[:, t:t + 1], cache)
         outs.append(np.asarray(y))
     np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=1e-5)
 

@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import xla_flags
+
 STEPS = 12
 CONFIG = {
     "model": {"family": "sessa", "d_model": 16, "n_layers": 1, "n_heads": 2},
@@ -42,7 +44,7 @@ RTOL = 2e-4  # sharded reductions sum in another order
 def env_for(devices: int, **extra) -> dict:
     env = dict(os.environ)
     env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"))
     for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(k, None)
     env.update({k: str(v) for k, v in extra.items()})
@@ -296,7 +298,7 @@ def test_bench_multi_gpu_smoke_on_fake_cpu_devices(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "mg.json"
     env = env_for(1)
-    env.pop("XLA_FLAGS")
+    env["XLA_FLAGS"] = xla_flags()  # the script adds its device counts
     p = subprocess.run(
         [sys.executable, os.path.join(root, "scripts", "bench_multi_gpu.py"), "--platform", "cpu",
          "--config", os.path.join(root, "configs", "gpu", "sessa-125m-2gpu.yaml"),
