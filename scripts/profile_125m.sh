@@ -33,9 +33,10 @@ for f in $families; do
     gzip -c "$(ls -S "$work"/hlo/*jit_step*after_optimizations.txt | head -1)" > "$out/${name}_hlo.txt.gz"
     hlo=(--hlo "$out/${name}_hlo.txt.gz")
   fi
-  python scripts/trace_top.py "$work/d1_b16/profile" --steps 3 --top 60 "${hlo[@]}" > "$out/${name}_top.md"
+  prof=$(ls -d "$work"/d1_b*/profile | head -1)  # d1_b<global batch>
+  python scripts/trace_top.py "$prof" --steps 3 --top 60 "${hlo[@]}" > "$out/${name}_top.md"
   sed -n 3,12p "$out/${name}_top.md"
-  trace=$(find "$work/d1_b16/profile" -name '*.trace.json.gz' -o -name 'perfetto_trace.json.gz' | head -1)
+  trace=$(find "$prof" -name '*.trace.json.gz' -o -name 'perfetto_trace.json.gz' | head -1)
   if [ -n "$trace" ] && [ "$(stat -c %s "$trace")" -lt 15000000 ]; then cp "$trace" "$out/${name}_trace.json.gz"; fi
   rm -rf "$work"
 done
