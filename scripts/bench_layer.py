@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark one Sessa layer (dense and chunked feedback) against a same-width attention layer.
+"""Benchmark one Sessa layer (dense, chunked and pallas feedback) against a same-width attention layer.
 
 Forward+backward time and peak device memory at a fixed number of tokens per step, bf16
 compute with float32 parameters, plus single-token decode speed at long contexts.
@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-IMPLS = ("attention", "chunked", "dense", "feedback")
+IMPLS = ("attention", "chunked", "pallas", "dense", "feedback", "feedback-pallas")
 
 
 def _run_one(args) -> dict:
@@ -49,12 +49,14 @@ def _run_one(args) -> dict:
     res = dict(impl=args.one_impl, T=T, B=B, D=D, heads=args.heads, chunk=args.chunk,
                segments=args.segments, inverse=args.inverse, unroll=args.unroll,
                gamma_dtype=args.gamma_dtype, remat=args.remat,
-               layer_remat=args.layer_remat if args.one_impl in ("chunked", "dense") else "none",
+               layer_remat=(args.layer_remat if args.one_impl in ("chunked", "pallas", "dense")
+                            else "none"),
                device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
                jax=jax.__version__)
 
-    if args.one_impl == "feedback":
+    if args.one_impl in ("feedback", "feedback-pallas"):
         # The feedback solve alone (no projections or forward branch), for a cost breakdown.
+        impl = "pallas" if args.one_impl == "feedback-pallas" else "chunked"
         ks = jax.random.split(key, 4)
         q = jax.random.normal(ks[0], (B, T, D), dt)
         k = jax.random.normal(ks[1], (B, T, D), dt)
@@ -62,7 +64,7 @@ def _run_one(args) -> dict:
         f = jax.random.normal(ks[3], (B, T, D), dt)
 
         def loss(q, k, g, f):
-            s = feedback_solve(q, k, g, f, impl="chunked", chunk_size=args.chunk,
+            s = feedback_solve(q, k, g, f, impl=impl, chunk_size=args.chunk,
                                segments=args.segments, inverse=args.inverse,
                                unroll=args.unroll)
             return jnp.mean(s.astype(jnp.float32) ** 2)

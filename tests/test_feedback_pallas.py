@@ -1,5 +1,6 @@
 """feedback_impl="pallas" (Pallas kernels, interpret mode on CPU) against the dense reference:
-values and gradients, float32 and float64, odd lengths, T = 1, segment ids."""
+values and gradients, float32 and float64, odd lengths, T = 1, segment ids; the TPU (Mosaic)
+design by default and the GPU (Triton) one with ``kernels="gpu"``."""
 
 import jax
 import jax.numpy as jnp
@@ -118,11 +119,53 @@ def test_layer_with_pallas_matches_reference_fixture(x64):
     assert rel_err(gx, z["grad/x"]) <= 1e-9
 
 
-def test_gpu_backend_is_a_clear_error(monkeypatch):
+def test_gpu_backend_needs_d_multiple_of_16(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     q, k, g, f, _ = _inputs(0, 1, 4, 4)
-    with pytest.raises(NotImplementedError, match="chunked"):
+    with pytest.raises(ValueError, match="multiple of 16.*chunked"):
         feedback_solve(q, k, g, f, impl="pallas")
+
+
+# The GPU (Triton) design in interpret mode: (B, T, D, chunk, segments). Several chunks with T
+# off the chunk grid and packed documents; T = 1; a width split into 64-column accumulators.
+GPU_CASES = [(2, 53, 32, 16, True), (1, 1, 16, 16, False), (1, 40, 48, 32, False)]
+
+
+@pytest.mark.parametrize("B,T,D,chunk,use_seg", GPU_CASES)
+def test_gpu_kernels_equal_dense_float64(B, T, D, chunk, use_seg, x64):
+    seed = _seed()
+    args = _inputs(seed, B, T, D)
+    seg = None
+    if use_seg:
+        ids = np.zeros((B, T), np.int32)
+        ids[0, 7:30], ids[0, 30:] = 1, 2  # a boundary inside a chunk, one off the grid
+        ids[1, 16:] = 1  # one on a chunk edge
+        seg = jnp.asarray(ids)
+    _check(_both(args, chunk, seg=seg, kernels="gpu", block=256), 1e-9, seed)
+
+
+def test_gpu_kernels_split_columns_over_groups(monkeypatch, x64):
+    """A width past the register budget is split into column groups (scores recomputed per
+    group): forced here with a tiny budget, 64 columns in 4 groups of 16."""
+    from sessa_jax.ops import feedback_pallas_gpu as gpu
+
+    monkeypatch.setattr(gpu, "ACC_BUDGET", 256)
+    assert gpu.tiles(32, 64) == (16, 16, 16)
+    seed = _seed()
+    _check(_both(_inputs(seed, 1, 45, 64), 16, kernels="gpu", block=256), 1e-9, seed)
+
+
+def test_gpu_tiles_for_model_widths():
+    """The tiles the GPU kernels take at the widths of the model configs: all D columns in
+    registers up to D = 2048 (3 x 256 at D = 768), groups beyond."""
+    from sessa_jax.ops.feedback_pallas_gpu import tiles
+
+    assert tiles(2048, 768) == (32, 256, 768)
+    assert tiles(512, 2048) == (16, 256, 2048)
+    bm, bd, dg = tiles(512, 4864)
+    assert (bm, 4864 % dg, dg % bd, bm * dg <= 32768) == (16, 0, 0, True)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        tiles(24, 768)
 
 
 _SPREAD = r"""

@@ -64,8 +64,8 @@ def feedback_solve(
       gamma: (B, T) per-token gain, |gamma| < 1.
       f: (B, T, D) forward-branch output (the right-hand side).
       impl: "dense" (reference, O(T^2) memory), "chunked" (O(T*D) memory, custom VJP) or
-        "pallas" ("chunked"'s sweep with Pallas kernels for the rectangular products; TPU,
-        and interpret mode on CPU; see :mod:`sessa_jax.ops.feedback_pallas`).
+        "pallas" ("chunked"'s sweep with Pallas kernels for the rectangular products: Mosaic
+        on TPU, Triton on GPU, interpret mode on CPU; see :mod:`sessa_jax.ops.feedback_pallas`).
       chunk_size: rows per block for "chunked"; clipped to T.
       segments: scans the chunk sweep is split into (see :func:`feedback_chunked`).
       inverse: how "chunked" inverts its diagonal blocks: "solve", "doubling" or "blocked".

@@ -32,18 +32,13 @@ their block index is clamped through scalar prefetch (no DMA) and the body is gu
 the chunk on (the causal half, as ``"chunked"``'s segmented sweep approximates). The VMEM
 limit is raised to what the tiles need (``_vmem_limit``); very wide models want a smaller c.
 
-GPU: not lowered. The kernels reduce over a sequential grid axis into a resident output
-block (TPU semantics), and their chunk-by-D tiles are the point of the design: c = 512,
-D = 768 in bf16 is 0.75 MiB an operand, against 228 KiB of shared memory and 256 KiB of
-registers per SM on an H100/H200. Pallas's Triton backend runs grid points as independent
-programs and wants power-of-two blocks (D = 768 is not), and is deprecated in jax 0.11; the
-default GPU lowering of ``pallas_call`` is already Mosaic GPU in jax 0.10.2 (checked: a
-``jax.export`` for "cuda" from this CPU host emits ``mosaic_gpu_v2``). A GPU kernel needs its
-own design: 64-128-row tiles with the output tiled over D (the scores recomputed per D tile,
-or a two-pass split of statistics and products) and an in-kernel loop over the other side.
-:func:`feedback_pallas` raises NotImplementedError on a GPU backend and names the fallback
-("chunked"); lowering for a platform other than CPU or TPU fails in ``lax.platform_dependent``
-(no branch).
+GPU: the same three calls as Triton kernels of another design
+(:mod:`sessa_jax.ops.feedback_pallas_gpu`): a TPU tile of c rows by the full width (0.75 MiB an
+operand at c = 512, D = 768) does not fit an SM (228 KiB of shared memory), and Triton runs
+grid points as independent programs, so there each program owns 16-64 rows (or keys) and all
+D columns of its output in registers, and loops over the other side inside the kernel. Which
+design runs is chosen per lowering platform (:func:`_by_platform`); ``kernels="gpu"`` runs
+the GPU one in interpret mode on CPU, which is how the tests check it.
 
 Meshes: Mosaic kernels cannot be partitioned by XLA, so the Sessa layer always runs this
 solve under ``shard_map`` over the batch axes (``spread_rows(..., kernel=True)`` in
@@ -75,6 +70,7 @@ from jax.experimental.pallas import tpu as pltpu
 from sessa_jax.ops.feedback import (
     RESIDUAL_NAMES, _acc_dtype, _block_inverse, _half, _inner, _solve_chunk, Inverse,
 )
+from sessa_jax.ops import feedback_pallas_gpu as gpu
 from sessa_jax.ops.segments import visible
 
 _NEG = -jnp.inf
@@ -123,12 +119,16 @@ def _call(kernel, *, out_shape, grid, in_specs, out_specs, scalars, args, interp
     )(scalars, *args)
 
 
-def _by_platform(fn, *args):
-    """fn(*args, interpret=...) with interpret mode on CPU and Mosaic on TPU, chosen per
-    lowering platform (there is no GPU branch: see the module docstring)."""
-    return jax.lax.platform_dependent(
-        *args, cpu=functools.partial(fn, interpret=True),
-        tpu=functools.partial(fn, interpret=False))
+def _by_platform(tpu_fn, gpu_fn, kernels, *args):
+    """The kernel for the lowering platform: Mosaic (``tpu_fn``) on TPU, Triton (``gpu_fn``,
+    :mod:`sessa_jax.ops.feedback_pallas_gpu`) on CUDA/ROCm, and on CPU one of them in interpret
+    mode: the TPU design, or the GPU one with ``kernels="gpu"`` (how the tests check it)."""
+    cpu = gpu_fn if kernels == "gpu" else tpu_fn
+    branches = dict(cpu=functools.partial(cpu, interpret=True),
+                    tpu=functools.partial(tpu_fn, interpret=False))
+    if args[0].shape[-1] % 16 == 0 and args[0].shape[-2] % 16 == 0:  # (D, chunk): GPU tiles
+        branches["cuda"] = branches["rocm"] = functools.partial(gpu_fn, interpret=False)
+    return jax.lax.platform_dependent(*args, **branches)
 
 
 def _dot_nt(a, b, acc):
@@ -353,20 +353,27 @@ def _grad_call(k_c, s_c, q, lse, g, df, e, dq, seg_c, seg_q, scalars, *, bt, int
 
 
 def feedback_pallas(q_b, k_b, gamma, f, *, chunk_size: int = 256, inverse: Inverse = "blocked",
-                    segment_ids=None, keep_inverses: bool = True, block: int = 256):
+                    segment_ids=None, keep_inverses: bool = True, block: int = 256,
+                    kernels: str | None = None):
     """Chunked solve with Pallas kernels for the rectangular products. Shapes as
-    :func:`sessa_jax.ops.feedback.feedback_solve`; ``block`` is the other-side tile (key tiles
-    in the forward, query-row tiles in the backward), the largest of block, block/2, ... that
-    goes with the chunk (see ``_layout``)."""
-    if jax.default_backend() in ("gpu", "cuda", "rocm"):
-        raise NotImplementedError(
-            "feedback_impl='pallas' has no GPU lowering (its kernels reduce over a sequential "
-            "Pallas grid axis, TPU semantics; see sessa_jax/ops/feedback_pallas.py): use "
-            "feedback_impl='chunked' on GPUs")
+    :func:`sessa_jax.ops.feedback.feedback_solve`; ``block`` is the TPU kernels' other-side
+    tile (key tiles in the forward, query-row tiles in the backward), the largest of block,
+    block/2, ... that goes with the chunk (see ``_layout``). For the GPU kernels the chunk is
+    rounded up to a multiple of 16 (their smallest tile). ``kernels``: None picks the design by
+    lowering platform; "gpu" runs the GPU (Triton) design in interpret mode on CPU."""
+    if kernels not in (None, "tpu", "gpu"):
+        raise ValueError(f"feedback_pallas kernels={kernels!r}: expected None, 'tpu' or 'gpu'")
+    if jax.default_backend() in ("gpu", "cuda", "rocm") and f.shape[-1] % 16:
+        raise ValueError(
+            f"feedback_impl='pallas' on a GPU needs the feedback width D (d_model) to be a "
+            f"multiple of 16, got {f.shape[-1]}: use feedback_impl='chunked'")
     if inverse not in ("solve", "doubling", "blocked"):
         raise ValueError(f"feedback inverse={inverse!r}: expected 'solve', 'doubling' or 'blocked'")
     B, T, D = f.shape
     c = max(1, min(int(chunk_size), T))
+    on_gpu = kernels == "gpu" or jax.default_backend() in ("gpu", "cuda", "rocm")
+    if on_gpu:  # the GPU kernels' smallest tile
+        c = -(-c // 16) * 16
     bt, tp = _layout(T, c, int(block))
     if tp != T:  # zero padding at the end is exact (see feedback_chunked)
         pad3 = ((0, 0), (0, tp - T), (0, 0))
@@ -376,13 +383,14 @@ def feedback_pallas(q_b, k_b, gamma, f, *, chunk_size: int = 256, inverse: Inver
             segment_ids = jnp.pad(segment_ids, ((0, 0), (0, tp - T)), constant_values=-1)
     if segment_ids is not None:
         segment_ids = segment_ids.astype(jnp.int32)
-    s = _pallas_solve(q_b, k_b, gamma, f, segment_ids, c, bt, inverse, bool(keep_inverses))
+    s = _pallas_solve(q_b, k_b, gamma, f, segment_ids, c, bt, inverse, bool(keep_inverses),
+                      kernels)
     return s[:, :T]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _pallas_solve(q_b, k_b, gamma, f, seg, c, bt, inverse, keep_inv):
-    return _forward(q_b, k_b, gamma, f, seg, c, bt, inverse, keep_inv)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _pallas_solve(q_b, k_b, gamma, f, seg, c, bt, inverse, keep_inv, kernels):
+    return _forward(q_b, k_b, gamma, f, seg, c, bt, inverse, keep_inv, kernels)[0]
 
 
 def _diag_scores(q_c, k_c, seg_c, start, c, scale, acc):
@@ -392,7 +400,7 @@ def _diag_scores(q_c, k_c, seg_c, start, c, scale, acc):
     return scores, visible(idx, idx, seg_c, seg_c, strict=True)
 
 
-def _forward(q_b, k_b, gamma, f, seg, c, bt, inverse, keep_inv):
+def _forward(q_b, k_b, gamma, f, seg, c, bt, inverse, keep_inv, kernels):
     B, tp, D = f.shape
     n = tp // c
     acc = _acc_dtype(f.dtype)
@@ -408,7 +416,7 @@ def _forward(q_b, k_b, gamma, f, seg, c, bt, inverse, keep_inv):
         f_c, g_c = sl(f).astype(acc), sl(gamma).astype(acc)
         seg_c = None if seg is None else sl(seg)
         m_x, l_x, acc_x = _by_platform(
-            functools.partial(_cross_call, bk=bt), q_c, k_b, s_buf,
+            functools.partial(_cross_call, bk=bt), gpu.cross_call, kernels, q_c, k_b, s_buf,
             None if seg is None else seg_c[..., None], seg_k, start)
         m_x, l_x = m_x[..., 0], l_x[..., 0]
         sc_cc, mask = _diag_scores(q_c, k_c, seg_c, start, c, scale, acc)
@@ -430,14 +438,14 @@ def _forward(q_b, k_b, gamma, f, seg, c, bt, inverse, keep_inv):
     return carry
 
 
-def _fwd(q_b, k_b, gamma, f, seg, c, bt, inverse, keep_inv):
-    s, ctx, lse, inv = _forward(q_b, k_b, gamma, f, seg, c, bt, inverse, keep_inv)
+def _fwd(q_b, k_b, gamma, f, seg, c, bt, inverse, keep_inv, kernels):
+    s, ctx, lse, inv = _forward(q_b, k_b, gamma, f, seg, c, bt, inverse, keep_inv, kernels)
     s, ctx, lse, inv = (None if x is None else checkpoint_name(x, name)
                         for x, name in zip((s, ctx, lse, inv), RESIDUAL_NAMES))
     return s, (q_b, k_b, gamma, seg, s, ctx, lse, inv)
 
 
-def _bwd(c, bt, inverse, keep_inv, res, g_s):
+def _bwd(c, bt, inverse, keep_inv, kernels, res, g_s):
     """Reverse sweep over key chunks (the math of ``feedback._chunked_bwd``): per chunk i,
     rhs = G_c + W^T df (kernel, df still 0 on the chunk's rows), df_c = (I - W_cc)^{-T} rhs,
     e_c = df_c . ctx_c = dgamma_c, then dk_c and the dq contributions (kernel)."""
@@ -462,8 +470,8 @@ def _bwd(c, bt, inverse, keep_inv, res, g_s):
         seg_c = None if seg is None else sl(seg)
         seg_cc = None if seg is None else seg_c[..., None]
         scalars = jnp.stack([start // bt, start, jnp.int32(nrt)]).astype(jnp.int32)
-        rhs = gs_c + _by_platform(functools.partial(_rhs_call, bt=bt), k_c, q_b, lse_r, g_r,
-                                  df, seg_cc, seg_q, scalars)
+        rhs = gs_c + _by_platform(functools.partial(_rhs_call, bt=bt), gpu.rhs_call, kernels,
+                                  k_c, q_b, lse_r, g_r, df, seg_cc, seg_q, scalars)
         if inv_all is not None:
             inv_c = jax.lax.dynamic_index_in_dim(inv_all, i, axis=1, keepdims=False)
         else:
@@ -474,8 +482,9 @@ def _bwd(c, bt, inverse, keep_inv, res, g_s):
         e_c = jnp.sum(df_c * ctx_c, axis=-1)
         df = jax.lax.dynamic_update_slice_in_dim(df, df_c.astype(f_dtype), start, 1)
         e = jax.lax.dynamic_update_slice_in_dim(e, e_c, start, 1)
-        dk_c, dq = _by_platform(functools.partial(_grad_call, bt=bt), k_c, s_c, q_b, lse_r, g_r,
-                                df, e[:, None, :], dq, seg_cc, seg_q, scalars)
+        dk_c, dq = _by_platform(functools.partial(_grad_call, bt=bt), gpu.grad_call, kernels,
+                                k_c, s_c, q_b, lse_r, g_r, df, e[:, None, :], dq, seg_cc, seg_q,
+                                scalars)
         dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_c.astype(k_b.dtype), start, 1)
         dgamma = jax.lax.dynamic_update_slice_in_dim(dgamma, e_c.astype(gamma.dtype), start, 1)
         return (df, e, dq, dk, dgamma), None

@@ -1,0 +1,341 @@
+"""GPU (Triton) kernels for ``feedback_impl="pallas"``: the chunk sweep's rectangular products.
+
+The sweep, its custom VJP and the chunk's own c x c block are :mod:`sessa_jax.ops.feedback_pallas`'s;
+this module gives the GPU versions of its three kernel calls, with the same arguments and
+results (:func:`cross_call`, :func:`rhs_call`, :func:`grad_call`), chosen there per lowering
+platform.
+
+Why a design of its own. The TPU kernels hold a whole chunk (c rows) by the full width D in
+VMEM and reduce over a sequential grid axis. A GPU SM has 228 KiB of shared memory and 64K
+registers, and Triton runs grid points as independent programs with power-of-two tiles. So
+here every program owns one small tile on its side of the product (bm = 16-64 rows or keys)
+and all D columns of its output, as ``D / bd`` register accumulators of (bm, bd) (bd a power of
+two <= 256 dividing D: 3 x 256 for D = 768), and loops over the other side's tiles inside the
+kernel (``lax.fori_loop`` with a bound that depends on the chunk: the causal skip). The score
+tile's contraction over D is a loop over D slices of bd. When bm x D floats would not fit the
+register budget (:data:`ACC_BUDGET`; D > 2048), the columns are split over a grid axis of
+groups and the scores are recomputed once per group.
+
+Per tile pair, in units of one (bm x bn x D) product:
+
+* forward (:func:`cross_call`, chunk rows x keys before the chunk, online softmax): scores + p s =
+  2, the minimum; m and l are written by the first column group.
+* backward, known lse: :func:`rhs_call` W^T df over row tiles after the chunk (2);
+  :func:`grad_call` as two kernels, dk over row tiles (scores, s df^T, ds q = 3) and dq over the
+  chunk's key tiles for every row tile from the chunk on (3, written in place into the dq
+  carry, aliased). 8 in all against the 5 of a kernel that would share the score tile between
+  dk and dq (that needs atomics or a (c, T) buffer); the price of keeping each output owned by
+  one program.
+
+Precision as the TPU kernels: products on the input dtype with float32 accumulation (float32
+inputs: IEEE float32, no TF32; float64: interpret mode only), softmax statistics in float32.
+
+Constraints: D a multiple of 16 and the chunk a multiple of 16 (``feedback_pallas`` rounds the
+chunk up; D is checked there). On CPU these kernels run in Pallas's interpret mode
+(``feedback_pallas(..., kernels="gpu")``), which is how the tests check them against "dense".
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+_NEG = -jnp.inf
+
+#: float32 accumulator elements a program may hold (bm x columns): 128 registers a thread at
+#: 8 warps.
+ACC_BUDGET = 32768
+NUM_WARPS = 8
+NUM_STAGES = 2
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    b = cap
+    while b > 1 and n % b:
+        b //= 2
+    return b
+
+
+def tiles(c: int, D: int) -> tuple[int, int, int]:
+    """(bm, bd, dg): tile rows (also the key tile), accumulator width, columns per program."""
+    if D % 16 or c % 16:
+        raise ValueError(f"GPU feedback kernels need D and the chunk to be multiples of 16 "
+                         f"(D={D}, chunk={c}): use feedback_impl='chunked'")
+    bm = _pow2_divisor(c, 64)
+    while bm > 16 and bm * D > ACC_BUDGET:
+        bm //= 2
+    dg = D
+    while bm * dg > ACC_BUDGET and dg % 32 == 0:  # halves stay multiples of 16
+        dg //= 2
+    bd = _pow2_divisor(dg, 256)
+    return bm, bd, dg
+
+
+def _acc_dtype(dtype):
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def _nt(a, b, acc):
+    """a (m, k) @ b (n, k)^T."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=acc)
+
+
+def _nn(a, b, acc):
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=acc)
+
+
+def _contract(pairs, D, bd, rows, cols, acc):
+    """sum over D slices of a_i @ b_i^T for each (a_ref_slicer, b_ref_slicer) pair: a tuple of
+    (rows, cols) tiles. Each slicer maps a column offset to a (rows|cols, bd) tile."""
+
+    def body(i, accs):
+        d0 = pl.multiple_of(i * bd, bd)
+        return tuple(x + _nt(a(d0), b(d0), acc) for x, (a, b) in zip(accs, pairs))
+
+    zeros = tuple(jnp.zeros((rows, cols), acc) for _ in pairs)
+    return jax.lax.fori_loop(0, D // bd, body, zeros)
+
+
+def _call(kernel, *, out_shape, grid, args, interpret, aliases=None, name=None):
+    extra = {}
+    if not interpret:
+        extra["compiler_params"] = pltriton.CompilerParams(
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=interpret,
+                          input_output_aliases=aliases or {}, name=name, **extra)(*args)
+
+
+def _flat_seg(seg, n):
+    """(B, n, 1) or (B, 1, n) segment ids -> (B, n) int32, or None."""
+    return None if seg is None else seg.reshape(seg.shape[0], n).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+
+
+def cross_call(q_c, k, s, seg_c, seg_k, start, *, interpret=False):
+    """As ``feedback_pallas._cross_call``: q_c (B, c, D); k, s (B, tp, D); seg_c (B, c, 1),
+    seg_k (B, 1, tp) or None; start (int32, a multiple of c): keys < start are read.
+    Returns m, l (B, c, 1) and acc (B, c, D) in the accumulator dtype."""
+    B, c, D = q_c.shape
+    tp = k.shape[1]
+    acc_t = _acc_dtype(s.dtype)
+    mm = s.dtype
+    bm, bd, dg = tiles(c, D)
+    nd = dg // bd
+    scale = 1.0 / math.sqrt(D)
+    has_seg = seg_c is not None
+
+    def kernel(sc_ref, q_ref, k_ref, s_ref, *rest):
+        if has_seg:
+            segq_ref, segk_ref, m_ref, l_ref, acc_ref = rest
+        else:
+            m_ref, l_ref, acc_ref = rest
+        b, r, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        start_ = sc_ref[0]
+        r0 = pl.multiple_of(r * bm, bm)
+        col0 = g * dg
+        segq = segq_ref[b, pl.ds(r0, bm)] if has_seg else None
+
+        def step(j, carry):
+            m, l, accs = carry
+            j0 = pl.multiple_of(j * bm, bm)
+            (sco,) = _contract(
+                [(lambda d0: q_ref[b, pl.ds(r0, bm), pl.ds(d0, bd)],
+                  lambda d0: k_ref[b, pl.ds(j0, bm), pl.ds(d0, bd)])], D, bd, bm, bm, acc_t)
+            sco = sco * scale
+            if has_seg:
+                sco = jnp.where(segq[:, None] == segk_ref[b, pl.ds(j0, bm)][None, :], sco, _NEG)
+            m_new = jnp.maximum(m, jnp.max(sco, axis=1))
+            m_safe = jnp.where(m_new == _NEG, 0.0, m_new)
+            p = jnp.exp(sco - m_safe[:, None])
+            corr = jnp.exp(m - m_safe)
+            l = corr * l + jnp.sum(p, axis=1)
+            p = p.astype(mm)
+            accs = tuple(
+                corr[:, None] * a + _nn(p, s_ref[b, pl.ds(j0, bm), pl.ds(col0 + t * bd, bd)], acc_t)
+                for t, a in enumerate(accs))
+            return m_new, l, accs
+
+        init = (jnp.full((bm,), _NEG, acc_t), jnp.zeros((bm,), acc_t),
+                tuple(jnp.zeros((bm, bd), acc_t) for _ in range(nd)))
+        m, l, accs = jax.lax.fori_loop(0, start_ // bm, step, init)  # keys < start only
+        for t, a in enumerate(accs):
+            acc_ref[b, pl.ds(r0, bm), pl.ds(col0 + t * bd, bd)] = a
+
+        @pl.when(g == 0)
+        def _():
+            m_ref[b, pl.ds(r0, bm)] = m
+            l_ref[b, pl.ds(r0, bm)] = l
+
+    args = [jnp.reshape(start, (1,)).astype(jnp.int32), q_c, k, s]
+    if has_seg:
+        args += [_flat_seg(seg_c, c), _flat_seg(seg_k, tp)]
+    m, l, acc = _call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((B, c), acc_t), jax.ShapeDtypeStruct((B, c), acc_t),
+                   jax.ShapeDtypeStruct((B, c, D), acc_t)),
+        grid=(B, c // bm, D // dg), args=args, interpret=interpret,
+        name="sessa_feedback_cross_gpu")
+    return m[..., None], l[..., None], acc
+
+
+# --------------------------------------------------------------------------------------------
+# Backward (known lse)
+# --------------------------------------------------------------------------------------------
+
+
+def _w(scores_t, lse_row, g_row, ok):
+    """W^T tile: gamma_t exp(score - lse_t) where ok, else 0 (scores (keys, rows))."""
+    return jnp.where(ok, jnp.exp(scores_t - lse_row[None, :]), 0.0) * g_row[None, :]
+
+
+def rhs_call(k_c, q, lse, g, df, seg_c, seg_q, scalars, *, interpret=False):
+    """As ``feedback_pallas._rhs_call``: sum over rows t of W^T[chunk, t] df_t, (B, c, D) in the
+    accumulator dtype. k_c (B, c, D); q, df (B, tp, D); lse, g (B, 1, tp); seg_c (B, c, 1),
+    seg_q (B, 1, tp) or None; scalars int32 [., start, .]. Rows of the chunk itself are skipped
+    (their df is still 0 when this runs)."""
+    B, c, D = k_c.shape
+    tp = q.shape[1]
+    acc_t = _acc_dtype(df.dtype)
+    mm = df.dtype
+    bm, bd, dg = tiles(c, D)
+    nd = dg // bd
+    scale = 1.0 / math.sqrt(D)
+    has_seg = seg_c is not None
+
+    def kernel(sc_ref, k_ref, q_ref, lse_ref, g_ref, df_ref, *rest):
+        if has_seg:
+            segc_ref, segq_ref, out_ref = rest
+        else:
+            (out_ref,) = rest
+        b, jt, grp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        start_ = sc_ref[1]
+        j0 = pl.multiple_of(jt * bm, bm)  # within the chunk
+        col0 = grp * dg
+        segk = segc_ref[b, pl.ds(j0, bm)] if has_seg else None
+
+        def step(t, accs):
+            t0 = pl.multiple_of(t * bm, bm)
+            (sct,) = _contract(
+                [(lambda d0: k_ref[b, pl.ds(j0, bm), pl.ds(d0, bd)],
+                  lambda d0: q_ref[b, pl.ds(t0, bm), pl.ds(d0, bd)])], D, bd, bm, bm, acc_t)
+            ok = True
+            if has_seg:
+                ok = segk[:, None] == segq_ref[b, pl.ds(t0, bm)][None, :]
+            w = _w(sct * scale, lse_ref[b, pl.ds(t0, bm)], g_ref[b, pl.ds(t0, bm)].astype(acc_t),
+                   ok).astype(mm)
+            return tuple(a + _nn(w, df_ref[b, pl.ds(t0, bm), pl.ds(col0 + i * bd, bd)], acc_t)
+                         for i, a in enumerate(accs))
+
+        accs = jax.lax.fori_loop((start_ + c) // bm, tp // bm, step,
+                                 tuple(jnp.zeros((bm, bd), acc_t) for _ in range(nd)))
+        for i, a in enumerate(accs):
+            out_ref[b, pl.ds(j0, bm), pl.ds(col0 + i * bd, bd)] = a
+
+    args = [scalars, k_c, q, lse.reshape(B, tp), g.reshape(B, tp), df]
+    if has_seg:
+        args += [_flat_seg(seg_c, c), _flat_seg(seg_q, tp)]
+    return _call(kernel, out_shape=jax.ShapeDtypeStruct((B, c, D), acc_t),
+                 grid=(B, c // bm, D // dg), args=args, interpret=interpret,
+                 name="sessa_feedback_rhs_gpu")
+
+
+def grad_call(k_c, s_c, q, lse, g, df, e, dq, seg_c, seg_q, scalars, *, interpret=False):
+    """As ``feedback_pallas._grad_call``: dscore^T = W^T * (s_c df^T - e) over the rows from the
+    chunk on; returns dk_c (B, c, D) = dscore^T q / sqrt(D) and dq (B, tp, D) with
+    dscore k_c / sqrt(D) added (in place). e (B, 1, tp); others as :func:`rhs_call`."""
+    B, c, D = k_c.shape
+    tp = q.shape[1]
+    acc_t = dq.dtype
+    mm = df.dtype
+    bm, bd, dg = tiles(c, D)
+    nd = dg // bd
+    scale = 1.0 / math.sqrt(D)
+    has_seg = seg_c is not None
+    vec = lambda x: x.reshape(B, tp)
+    seg_args = [_flat_seg(seg_c, c), _flat_seg(seg_q, tp)] if has_seg else []
+
+    def pair_tiles(k_ref, s_ref, q_ref, df_ref, b, j0, t0):
+        """(scores^T, (s df^T)) tiles (keys j0.. of the chunk, rows t0..): (bm, bm) each."""
+        return _contract(
+            [(lambda d0: k_ref[b, pl.ds(j0, bm), pl.ds(d0, bd)],
+              lambda d0: q_ref[b, pl.ds(t0, bm), pl.ds(d0, bd)]),
+             (lambda d0: s_ref[b, pl.ds(j0, bm), pl.ds(d0, bd)],
+              lambda d0: df_ref[b, pl.ds(t0, bm), pl.ds(d0, bd)])], D, bd, bm, bm, acc_t)
+
+    def ds_tile(sct, dpt, lse_ref, g_ref, e_ref, b, j0, t0, start_, segc_ref, segq_ref):
+        keys = start_ + j0 + jax.lax.broadcasted_iota(jnp.int32, (bm, bm), 0)
+        rows = t0 + jax.lax.broadcasted_iota(jnp.int32, (bm, bm), 1)
+        ok = rows > keys
+        if has_seg:
+            ok = ok & (segc_ref[b, pl.ds(j0, bm)][:, None] == segq_ref[b, pl.ds(t0, bm)][None, :])
+        w = _w(sct * scale, lse_ref[b, pl.ds(t0, bm)], g_ref[b, pl.ds(t0, bm)].astype(acc_t), ok)
+        return (w * (dpt - e_ref[b, pl.ds(t0, bm)].astype(acc_t)[None, :])).astype(mm)
+
+    # dk: one program per key tile of the chunk, looping over the row tiles from the chunk on.
+    def dk_kernel(sc_ref, k_ref, s_ref, q_ref, df_ref, lse_ref, g_ref, e_ref, *rest):
+        segc_ref, segq_ref = rest[:2] if has_seg else (None, None)
+        dk_ref = rest[-1]
+        b, jt, grp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        start_ = sc_ref[1]
+        j0 = pl.multiple_of(jt * bm, bm)
+        col0 = grp * dg
+
+        def step(t, accs):
+            t0 = pl.multiple_of(t * bm, bm)
+            sct, dpt = pair_tiles(k_ref, s_ref, q_ref, df_ref, b, j0, t0)
+            dst = ds_tile(sct, dpt, lse_ref, g_ref, e_ref, b, j0, t0, start_, segc_ref, segq_ref)
+            return tuple(a + _nn(dst, q_ref[b, pl.ds(t0, bm), pl.ds(col0 + i * bd, bd)], acc_t)
+                         for i, a in enumerate(accs))
+
+        accs = jax.lax.fori_loop(start_ // bm, tp // bm, step,
+                                 tuple(jnp.zeros((bm, bd), acc_t) for _ in range(nd)))
+        for i, a in enumerate(accs):
+            dk_ref[b, pl.ds(j0, bm), pl.ds(col0 + i * bd, bd)] = a * scale
+
+    args = [scalars, k_c, s_c, q, df, vec(lse), vec(g), vec(e)] + seg_args
+    dk = _call(dk_kernel, out_shape=jax.ShapeDtypeStruct((B, c, D), acc_t),
+               grid=(B, c // bm, D // dg), args=args, interpret=interpret,
+               name="sessa_feedback_dk_gpu")
+
+    # dq: one program per row tile (from the chunk on), looping over the chunk's key tiles.
+    def dq_kernel(sc_ref, k_ref, s_ref, q_ref, df_ref, lse_ref, g_ref, e_ref, *rest):
+        segc_ref, segq_ref = rest[:2] if has_seg else (None, None)
+        dq_in, dq_out = rest[-2], rest[-1]
+        b, r, grp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        start_ = sc_ref[1]
+        t0 = pl.multiple_of(r * bm, bm)
+        col0 = grp * dg
+
+        @pl.when(t0 >= start_)  # rows before the chunk see none of its keys
+        def _():
+            def step(j, accs):
+                j0 = pl.multiple_of(j * bm, bm)
+                sct, dpt = pair_tiles(k_ref, s_ref, q_ref, df_ref, b, j0, t0)
+                dst = ds_tile(sct, dpt, lse_ref, g_ref, e_ref, b, j0, t0, start_, segc_ref,
+                              segq_ref)
+                # dq_t += dscore[t, j] k_j: dst is (keys, rows), contract over keys.
+                return tuple(
+                    a + jax.lax.dot_general(
+                        dst, k_ref[b, pl.ds(j0, bm), pl.ds(col0 + i * bd, bd)],
+                        (((0,), (0,)), ((), ())), preferred_element_type=acc_t)
+                    for i, a in enumerate(accs))
+
+            accs = jax.lax.fori_loop(0, c // bm, step,
+                                     tuple(jnp.zeros((bm, bd), acc_t) for _ in range(nd)))
+            for i, a in enumerate(accs):
+                cols = pl.ds(col0 + i * bd, bd)
+                dq_out[b, pl.ds(t0, bm), cols] = dq_in[b, pl.ds(t0, bm), cols] + a * scale
+
+    args = [scalars, k_c, s_c, q, df, vec(lse), vec(g), vec(e)] + seg_args + [dq]
+    dq = _call(dq_kernel, out_shape=jax.ShapeDtypeStruct(dq.shape, acc_t),
+               grid=(B, tp // bm, D // dg), args=args, interpret=interpret,
+               aliases={len(args) - 1: 0}, name="sessa_feedback_dq_gpu")
+    return dk, dq
