@@ -127,8 +127,8 @@ def test_gpu_backend_needs_d_multiple_of_16(monkeypatch):
 
 
 # The GPU (Triton) design in interpret mode: (B, T, D, chunk, segments). Several chunks with T
-# off the chunk grid and packed documents; T = 1; a width split into 64-column accumulators.
-GPU_CASES = [(2, 53, 32, 16, True), (1, 1, 16, 16, False), (1, 40, 48, 32, False)]
+# off the chunk grid and packed documents; T = 1; a width of two slices (80 = 64 + 16).
+GPU_CASES = [(2, 53, 32, 16, True), (1, 1, 16, 16, False), (1, 40, 80, 32, False)]
 
 
 @pytest.mark.parametrize("B,T,D,chunk,use_seg", GPU_CASES)
@@ -150,20 +150,23 @@ def test_gpu_kernels_split_columns_over_groups(monkeypatch, x64):
     from sessa_jax.ops import feedback_pallas_gpu as gpu
 
     monkeypatch.setattr(gpu, "ACC_BUDGET", 256)
-    assert gpu.tiles(32, 64) == (16, 16, 16)
+    assert gpu.tiles(32, 64) == (16, 16)
     seed = _seed()
     _check(_both(_inputs(seed, 1, 45, 64), 16, kernels="gpu", block=256), 1e-9, seed)
 
 
 def test_gpu_tiles_for_model_widths():
     """The tiles the GPU kernels take at the widths of the model configs: all D columns in
-    registers up to D = 2048 (3 x 256 at D = 768), groups beyond."""
-    from sessa_jax.ops.feedback_pallas_gpu import tiles
+    registers up to D = 2048 (3 x 256 at D = 768, 864 without padding), groups beyond."""
+    from sessa_jax.ops.feedback_pallas_gpu import pieces, tiles
 
-    assert tiles(2048, 768) == (32, 256, 768)
-    assert tiles(512, 2048) == (16, 256, 2048)
-    bm, bd, dg = tiles(512, 4864)
-    assert (bm, 4864 % dg, dg % bd, bm * dg <= 32768) == (16, 0, 0, True)
+    assert tiles(2048, 768) == (32, 768) and pieces(768) == ((0, 256), (256, 256), (512, 256))
+    assert tiles(2048, 864) == (32, 864)
+    assert [w for _, w in pieces(864)] == [256, 256, 256, 64, 32]
+    assert tiles(512, 2048) == (16, 2048)
+    bm, dg = tiles(512, 4864)
+    assert (bm, 4864 % dg, bm * dg <= 32768) == (16, 0, True)
+    assert sum(w for _, w in pieces(dg)) == dg
     with pytest.raises(ValueError, match="multiples of 16"):
         tiles(24, 768)
 

@@ -9,10 +9,11 @@ Why a design of its own. The TPU kernels hold a whole chunk (c rows) by the full
 VMEM and reduce over a sequential grid axis. A GPU SM has 228 KiB of shared memory and 64K
 registers, and Triton runs grid points as independent programs with power-of-two tiles. So
 here every program owns one small tile on its side of the product (bm = 16-64 rows or keys)
-and all D columns of its output, as ``D / bd`` register accumulators of (bm, bd) (bd a power of
-two <= 256 dividing D: 3 x 256 for D = 768), and loops over the other side's tiles inside the
-kernel (``lax.fori_loop`` with a bound that depends on the chunk: the causal skip). The score
-tile's contraction over D is a loop over D slices of bd. When bm x D floats would not fit the
+and all D columns of its output, as register accumulators of power-of-two widths <= 256
+(:func:`pieces`: 3 x 256 for D = 768; 256, 256, 256, 64, 32 for D = 864), and loops over the
+other side's tiles inside the kernel (``lax.fori_loop`` with a bound that depends on the
+chunk: the causal skip). The score tile's contraction over D runs over the same slices,
+unrolled. When bm x D floats would not fit the
 register budget (:data:`ACC_BUDGET`; D > 2048), the columns are split over a grid axis of
 groups and the scores are recomputed once per group.
 
@@ -60,8 +61,21 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return b
 
 
-def tiles(c: int, D: int) -> tuple[int, int, int]:
-    """(bm, bd, dg): tile rows (also the key tile), accumulator width, columns per program."""
+def pieces(n: int) -> tuple[tuple[int, int], ...]:
+    """(offset, width) of power-of-two slices <= 256 covering n (a multiple of 16), widest
+    first: 768 -> 3 x 256; 864 -> 256, 256, 256, 64, 32 (no padding of odd widths)."""
+    out, off = [], 0
+    while off < n:
+        w = 256
+        while w > n - off:
+            w //= 2
+        out.append((off, w))
+        off += w
+    return tuple(out)
+
+
+def tiles(c: int, D: int) -> tuple[int, int]:
+    """(bm, dg): tile rows (also the key tile) and columns per program (D / dg groups)."""
     if D % 16 or c % 16:
         raise ValueError(f"GPU feedback kernels need D and the chunk to be multiples of 16 "
                          f"(D={D}, chunk={c}): use feedback_impl='chunked'")
@@ -71,8 +85,7 @@ def tiles(c: int, D: int) -> tuple[int, int, int]:
     dg = D
     while bm * dg > ACC_BUDGET and dg % 32 == 0:  # halves stay multiples of 16
         dg //= 2
-    bd = _pow2_divisor(dg, 256)
-    return bm, bd, dg
+    return bm, dg
 
 
 def _acc_dtype(dtype):
@@ -88,16 +101,14 @@ def _nn(a, b, acc):
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=acc)
 
 
-def _contract(pairs, D, bd, rows, cols, acc):
-    """sum over D slices of a_i @ b_i^T for each (a_ref_slicer, b_ref_slicer) pair: a tuple of
-    (rows, cols) tiles. Each slicer maps a column offset to a (rows|cols, bd) tile."""
-
-    def body(i, accs):
-        d0 = pl.multiple_of(i * bd, bd)
-        return tuple(x + _nt(a(d0), b(d0), acc) for x, (a, b) in zip(accs, pairs))
-
-    zeros = tuple(jnp.zeros((rows, cols), acc) for _ in pairs)
-    return jax.lax.fori_loop(0, D // bd, body, zeros)
+def _contract(pairs, D, rows, cols, acc):
+    """sum over D of a @ b^T for each (a_slicer, b_slicer) pair: a tuple of (rows, cols)
+    tiles. A slicer maps (offset, width) to a (rows or cols, width) tile; the loop over the
+    static slices of :func:`pieces` is unrolled."""
+    accs = [jnp.zeros((rows, cols), acc) for _ in pairs]
+    for d0, w in pieces(D):
+        accs = [x + _nt(a(d0, w), b(d0, w), acc) for x, (a, b) in zip(accs, pairs)]
+    return tuple(accs)
 
 
 def _call(kernel, *, out_shape, grid, args, interpret, aliases=None, name=None):
@@ -127,8 +138,8 @@ def cross_call(q_c, k, s, seg_c, seg_k, start, *, interpret=False):
     tp = k.shape[1]
     acc_t = _acc_dtype(s.dtype)
     mm = s.dtype
-    bm, bd, dg = tiles(c, D)
-    nd = dg // bd
+    bm, dg = tiles(c, D)
+    cols = pieces(dg)
     scale = 1.0 / math.sqrt(D)
     has_seg = seg_c is not None
 
@@ -147,8 +158,8 @@ def cross_call(q_c, k, s, seg_c, seg_k, start, *, interpret=False):
             m, l, accs = carry
             j0 = pl.multiple_of(j * bm, bm)
             (sco,) = _contract(
-                [(lambda d0: q_ref[b, pl.ds(r0, bm), pl.ds(d0, bd)],
-                  lambda d0: k_ref[b, pl.ds(j0, bm), pl.ds(d0, bd)])], D, bd, bm, bm, acc_t)
+                [(lambda d0, w: q_ref[b, pl.ds(r0, bm), pl.ds(d0, w)],
+                  lambda d0, w: k_ref[b, pl.ds(j0, bm), pl.ds(d0, w)])], D, bm, bm, acc_t)
             sco = sco * scale
             if has_seg:
                 sco = jnp.where(segq[:, None] == segk_ref[b, pl.ds(j0, bm)][None, :], sco, _NEG)
@@ -159,15 +170,15 @@ def cross_call(q_c, k, s, seg_c, seg_k, start, *, interpret=False):
             l = corr * l + jnp.sum(p, axis=1)
             p = p.astype(mm)
             accs = tuple(
-                corr[:, None] * a + _nn(p, s_ref[b, pl.ds(j0, bm), pl.ds(col0 + t * bd, bd)], acc_t)
-                for t, a in enumerate(accs))
+                corr[:, None] * a + _nn(p, s_ref[b, pl.ds(j0, bm), pl.ds(col0 + o, wd)], acc_t)
+                for (o, wd), a in zip(cols, accs))
             return m_new, l, accs
 
         init = (jnp.full((bm,), _NEG, acc_t), jnp.zeros((bm,), acc_t),
-                tuple(jnp.zeros((bm, bd), acc_t) for _ in range(nd)))
+                tuple(jnp.zeros((bm, w), acc_t) for _, w in cols))
         m, l, accs = jax.lax.fori_loop(0, start_ // bm, step, init)  # keys < start only
-        for t, a in enumerate(accs):
-            acc_ref[b, pl.ds(r0, bm), pl.ds(col0 + t * bd, bd)] = a
+        for (o, wd), a in zip(cols, accs):
+            acc_ref[b, pl.ds(r0, bm), pl.ds(col0 + o, wd)] = a
 
         @pl.when(g == 0)
         def _():
@@ -205,8 +216,8 @@ def rhs_call(k_c, q, lse, g, df, seg_c, seg_q, scalars, *, interpret=False):
     tp = q.shape[1]
     acc_t = _acc_dtype(df.dtype)
     mm = df.dtype
-    bm, bd, dg = tiles(c, D)
-    nd = dg // bd
+    bm, dg = tiles(c, D)
+    cols = pieces(dg)
     scale = 1.0 / math.sqrt(D)
     has_seg = seg_c is not None
 
@@ -224,20 +235,20 @@ def rhs_call(k_c, q, lse, g, df, seg_c, seg_q, scalars, *, interpret=False):
         def step(t, accs):
             t0 = pl.multiple_of(t * bm, bm)
             (sct,) = _contract(
-                [(lambda d0: k_ref[b, pl.ds(j0, bm), pl.ds(d0, bd)],
-                  lambda d0: q_ref[b, pl.ds(t0, bm), pl.ds(d0, bd)])], D, bd, bm, bm, acc_t)
+                [(lambda d0, w: k_ref[b, pl.ds(j0, bm), pl.ds(d0, w)],
+                  lambda d0, w: q_ref[b, pl.ds(t0, bm), pl.ds(d0, w)])], D, bm, bm, acc_t)
             ok = True
             if has_seg:
                 ok = segk[:, None] == segq_ref[b, pl.ds(t0, bm)][None, :]
             w = _w(sct * scale, lse_ref[b, pl.ds(t0, bm)], g_ref[b, pl.ds(t0, bm)].astype(acc_t),
                    ok).astype(mm)
-            return tuple(a + _nn(w, df_ref[b, pl.ds(t0, bm), pl.ds(col0 + i * bd, bd)], acc_t)
-                         for i, a in enumerate(accs))
+            return tuple(a + _nn(w, df_ref[b, pl.ds(t0, bm), pl.ds(col0 + o, wd)], acc_t)
+                         for (o, wd), a in zip(cols, accs))
 
         accs = jax.lax.fori_loop((start_ + c) // bm, tp // bm, step,
-                                 tuple(jnp.zeros((bm, bd), acc_t) for _ in range(nd)))
-        for i, a in enumerate(accs):
-            out_ref[b, pl.ds(j0, bm), pl.ds(col0 + i * bd, bd)] = a
+                                 tuple(jnp.zeros((bm, w), acc_t) for _, w in cols))
+        for (o, wd), a in zip(cols, accs):
+            out_ref[b, pl.ds(j0, bm), pl.ds(col0 + o, wd)] = a
 
     args = [scalars, k_c, q, lse.reshape(B, tp), g.reshape(B, tp), df]
     if has_seg:
@@ -255,8 +266,8 @@ def grad_call(k_c, s_c, q, lse, g, df, e, dq, seg_c, seg_q, scalars, *, interpre
     tp = q.shape[1]
     acc_t = dq.dtype
     mm = df.dtype
-    bm, bd, dg = tiles(c, D)
-    nd = dg // bd
+    bm, dg = tiles(c, D)
+    cols = pieces(dg)
     scale = 1.0 / math.sqrt(D)
     has_seg = seg_c is not None
     vec = lambda x: x.reshape(B, tp)
@@ -265,10 +276,10 @@ def grad_call(k_c, s_c, q, lse, g, df, e, dq, seg_c, seg_q, scalars, *, interpre
     def pair_tiles(k_ref, s_ref, q_ref, df_ref, b, j0, t0):
         """(scores^T, (s df^T)) tiles (keys j0.. of the chunk, rows t0..): (bm, bm) each."""
         return _contract(
-            [(lambda d0: k_ref[b, pl.ds(j0, bm), pl.ds(d0, bd)],
-              lambda d0: q_ref[b, pl.ds(t0, bm), pl.ds(d0, bd)]),
-             (lambda d0: s_ref[b, pl.ds(j0, bm), pl.ds(d0, bd)],
-              lambda d0: df_ref[b, pl.ds(t0, bm), pl.ds(d0, bd)])], D, bd, bm, bm, acc_t)
+            [(lambda d0, w: k_ref[b, pl.ds(j0, bm), pl.ds(d0, w)],
+              lambda d0, w: q_ref[b, pl.ds(t0, bm), pl.ds(d0, w)]),
+             (lambda d0, w: s_ref[b, pl.ds(j0, bm), pl.ds(d0, w)],
+              lambda d0, w: df_ref[b, pl.ds(t0, bm), pl.ds(d0, w)])], D, bm, bm, acc_t)
 
     def ds_tile(sct, dpt, lse_ref, g_ref, e_ref, b, j0, t0, start_, segc_ref, segq_ref):
         keys = start_ + j0 + jax.lax.broadcasted_iota(jnp.int32, (bm, bm), 0)
@@ -292,13 +303,13 @@ def grad_call(k_c, s_c, q, lse, g, df, e, dq, seg_c, seg_q, scalars, *, interpre
             t0 = pl.multiple_of(t * bm, bm)
             sct, dpt = pair_tiles(k_ref, s_ref, q_ref, df_ref, b, j0, t0)
             dst = ds_tile(sct, dpt, lse_ref, g_ref, e_ref, b, j0, t0, start_, segc_ref, segq_ref)
-            return tuple(a + _nn(dst, q_ref[b, pl.ds(t0, bm), pl.ds(col0 + i * bd, bd)], acc_t)
-                         for i, a in enumerate(accs))
+            return tuple(a + _nn(dst, q_ref[b, pl.ds(t0, bm), pl.ds(col0 + o, wd)], acc_t)
+                         for (o, wd), a in zip(cols, accs))
 
         accs = jax.lax.fori_loop(start_ // bm, tp // bm, step,
-                                 tuple(jnp.zeros((bm, bd), acc_t) for _ in range(nd)))
-        for i, a in enumerate(accs):
-            dk_ref[b, pl.ds(j0, bm), pl.ds(col0 + i * bd, bd)] = a * scale
+                                 tuple(jnp.zeros((bm, w), acc_t) for _, w in cols))
+        for (o, wd), a in zip(cols, accs):
+            dk_ref[b, pl.ds(j0, bm), pl.ds(col0 + o, wd)] = a * scale
 
     args = [scalars, k_c, s_c, q, df, vec(lse), vec(g), vec(e)] + seg_args
     dk = _call(dk_kernel, out_shape=jax.ShapeDtypeStruct((B, c, D), acc_t),
@@ -324,15 +335,15 @@ def grad_call(k_c, s_c, q, lse, g, df, e, dq, seg_c, seg_q, scalars, *, interpre
                 # dq_t += dscore[t, j] k_j: dst is (keys, rows), contract over keys.
                 return tuple(
                     a + jax.lax.dot_general(
-                        dst, k_ref[b, pl.ds(j0, bm), pl.ds(col0 + i * bd, bd)],
+                        dst, k_ref[b, pl.ds(j0, bm), pl.ds(col0 + o, wd)],
                         (((0,), (0,)), ((), ())), preferred_element_type=acc_t)
-                    for i, a in enumerate(accs))
+                    for (o, wd), a in zip(cols, accs))
 
             accs = jax.lax.fori_loop(0, c // bm, step,
-                                     tuple(jnp.zeros((bm, bd), acc_t) for _ in range(nd)))
-            for i, a in enumerate(accs):
-                cols = pl.ds(col0 + i * bd, bd)
-                dq_out[b, pl.ds(t0, bm), cols] = dq_in[b, pl.ds(t0, bm), cols] + a * scale
+                                     tuple(jnp.zeros((bm, w), acc_t) for _, w in cols))
+            for (o, wd), a in zip(cols, accs):
+                sl = pl.ds(col0 + o, wd)
+                dq_out[b, pl.ds(t0, bm), sl] = dq_in[b, pl.ds(t0, bm), sl] + a * scale
 
     args = [scalars, k_c, s_c, q, df, vec(lse), vec(g), vec(e)] + seg_args + [dq]
     dq = _call(dq_kernel, out_shape=jax.ShapeDtypeStruct(dq.shape, acc_t),
