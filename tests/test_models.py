@@ -342,7 +342,9 @@ def test_remat_options_give_same_loss_and_grads(family):
         kw = dict(layer_remat=layer_remat) if family == "sessa" else {}
         loss, g = _loss_and_grads(_tiny(family, remat=remat, **kw), tokens)
         np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        # float32: recomputation changes XLA's fusions and so the summation order; one Mamba
+        # element of 512 (|g| ~ 7e-3, a cancelling sum) differs by 3e-7 on jax 0.10.2.
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                      jax.tree.leaves(g), jax.tree.leaves(ref_g))
 
 
@@ -529,7 +531,9 @@ def test_remat_save_feedback_keeps_the_solve_residuals():
     for remat in ("save_feedback", "full"):
         loss, g = results[remat]
         np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        # float32: recomputation changes XLA's fusions and so the summation order; one Mamba
+        # element of 512 (|g| ~ 7e-3, a cancelling sum) differs by 3e-7 on jax 0.10.2.
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                      jax.tree.leaves(g), jax.tree.leaves(ref_g))
 
 
