@@ -2,7 +2,7 @@
 """Check ``feedback_impl="pallas"`` on the GPU it runs on against the dense reference.
 
 Fresh random inputs per case (odd lengths, T = 1, lengths not a multiple of the chunk,
-several chunks, packed segments, D = 64 and 768); the reference is ``"dense"`` in float64 on
+several chunks, packed segments, D = 64, 768 and 864); the reference is ``"dense"`` in float64 on
 the same device (x64 on), compared with the kernels' float32 and bfloat16 results: relative
 error of s and of the four gradients. Exits non-zero when a case misses its tolerance
 (float32: 1e-4, bfloat16: 3e-2).
@@ -37,8 +37,8 @@ def main(argv=None) -> int:
         return float(np.linalg.norm(a - b) / den) if den > 0 else float(np.linalg.norm(a))
 
     cases = [  # (B, T, D, chunk, segments)
-        (1, 1, 64, 64, False), (2, 37, 64, 16, False), (2, 300, 64, 64, True),
-        (1, 1000, 768, 256, False), (2, 700, 768, 128, True), (1, 2500, 768, 512, False),
+        (1, 1, 64, 64, False), (2, 300, 64, 64, True), (2, 700, 864, 128, True),
+        (1, 2500, 768, 512, False),
     ]
     tol = {"float32": 1e-4, "bfloat16": 3e-2}
     seeds = np.random.SeedSequence().generate_state(len(cases))
@@ -66,7 +66,15 @@ def main(argv=None) -> int:
 
         ref_s, ref_g = run("dense", f64)
         for name in ("float32", "bfloat16"):
-            s, grads = run("pallas", getattr(jnp, name))
+            try:
+                s, grads = run("pallas", getattr(jnp, name))
+            except Exception as e:  # a compile failure of one case must not hide the others
+                print(f"B={B} T={T} D={D} chunk={chunk} {name}: FAILED to run: "
+                      f"{type(e).__name__}: {str(e)[:300]}", flush=True)
+                ok = False
+                rows.append(dict(B=B, T=T, D=D, chunk=chunk, segments=use_seg, dtype=name,
+                                 error=f"{type(e).__name__}: {str(e)[:1000]}", ok=False))
+                continue
             errs = [rel(s, ref_s)] + [rel(a, b) for a, b in zip(grads, ref_g)]
             good = bool(np.all(np.isfinite(errs)) and max(errs) <= tol[name])
             ok &= good

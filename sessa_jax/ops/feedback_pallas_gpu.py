@@ -74,13 +74,16 @@ def pieces(n: int) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def tiles(c: int, D: int) -> tuple[int, int]:
-    """(bm, dg): tile rows (also the key tile) and columns per program (D / dg groups)."""
+def tiles(c: int, D: int, itemsize: int = 2) -> tuple[int, int]:
+    """(bm, dg): tile rows (also the key tile) and columns per program (D / dg groups).
+    Operands of 4+ bytes get half the rows: their (bm, D) tiles pass through shared memory
+    (228 KiB an SM), where float32 tiles of 32 rows at D = 864 did not fit (H100, 12-08)."""
     if D % 16 or c % 16:
         raise ValueError(f"GPU feedback kernels need D and the chunk to be multiples of 16 "
                          f"(D={D}, chunk={c}): use feedback_impl='chunked'")
     bm = _pow2_divisor(c, 64)
-    while bm > 16 and bm * D > ACC_BUDGET:
+    rows_budget = ACC_BUDGET if itemsize <= 2 else ACC_BUDGET // 2
+    while bm > 16 and bm * D > rows_budget:
         bm //= 2
     dg = D
     while bm * dg > ACC_BUDGET and dg % 32 == 0:  # halves stay multiples of 16
@@ -111,11 +114,11 @@ def _contract(pairs, D, rows, cols, acc):
     return tuple(accs)
 
 
-def _call(kernel, *, out_shape, grid, args, interpret, aliases=None, name=None):
+def _call(kernel, *, out_shape, grid, args, interpret, itemsize, aliases=None, name=None):
     extra = {}
-    if not interpret:
+    if not interpret:  # no multi-buffered loads for 4-byte operands (shared memory, as tiles)
         extra["compiler_params"] = pltriton.CompilerParams(
-            num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES if itemsize <= 2 else 1)
     return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=interpret,
                           input_output_aliases=aliases or {}, name=name, **extra)(*args)
 
@@ -138,7 +141,7 @@ def cross_call(q_c, k, s, seg_c, seg_k, start, *, interpret=False):
     tp = k.shape[1]
     acc_t = _acc_dtype(s.dtype)
     mm = s.dtype
-    bm, dg = tiles(c, D)
+    bm, dg = tiles(c, D, jnp.dtype(mm).itemsize)
     cols = pieces(dg)
     scale = 1.0 / math.sqrt(D)
     has_seg = seg_c is not None
@@ -193,6 +196,7 @@ def cross_call(q_c, k, s, seg_c, seg_k, start, *, interpret=False):
         out_shape=(jax.ShapeDtypeStruct((B, c), acc_t), jax.ShapeDtypeStruct((B, c), acc_t),
                    jax.ShapeDtypeStruct((B, c, D), acc_t)),
         grid=(B, c // bm, D // dg), args=args, interpret=interpret,
+        itemsize=jnp.dtype(mm).itemsize,
         name="sessa_feedback_cross_gpu")
     return m[..., None], l[..., None], acc
 
@@ -216,7 +220,7 @@ def rhs_call(k_c, q, lse, g, df, seg_c, seg_q, scalars, *, interpret=False):
     tp = q.shape[1]
     acc_t = _acc_dtype(df.dtype)
     mm = df.dtype
-    bm, dg = tiles(c, D)
+    bm, dg = tiles(c, D, jnp.dtype(mm).itemsize)
     cols = pieces(dg)
     scale = 1.0 / math.sqrt(D)
     has_seg = seg_c is not None
@@ -255,6 +259,7 @@ def rhs_call(k_c, q, lse, g, df, seg_c, seg_q, scalars, *, interpret=False):
         args += [_flat_seg(seg_c, c), _flat_seg(seg_q, tp)]
     return _call(kernel, out_shape=jax.ShapeDtypeStruct((B, c, D), acc_t),
                  grid=(B, c // bm, D // dg), args=args, interpret=interpret,
+        itemsize=jnp.dtype(mm).itemsize,
                  name="sessa_feedback_rhs_gpu")
 
 
@@ -266,7 +271,7 @@ def grad_call(k_c, s_c, q, lse, g, df, e, dq, seg_c, seg_q, scalars, *, interpre
     tp = q.shape[1]
     acc_t = dq.dtype
     mm = df.dtype
-    bm, dg = tiles(c, D)
+    bm, dg = tiles(c, D, jnp.dtype(mm).itemsize)
     cols = pieces(dg)
     scale = 1.0 / math.sqrt(D)
     has_seg = seg_c is not None
@@ -314,6 +319,7 @@ def grad_call(k_c, s_c, q, lse, g, df, e, dq, seg_c, seg_q, scalars, *, interpre
     args = [scalars, k_c, s_c, q, df, vec(lse), vec(g), vec(e)] + seg_args
     dk = _call(dk_kernel, out_shape=jax.ShapeDtypeStruct((B, c, D), acc_t),
                grid=(B, c // bm, D // dg), args=args, interpret=interpret,
+        itemsize=jnp.dtype(mm).itemsize,
                name="sessa_feedback_dk_gpu")
 
     # dq: one program per row tile (from the chunk on), looping over the chunk's key tiles.
@@ -348,5 +354,6 @@ def grad_call(k_c, s_c, q, lse, g, df, e, dq, seg_c, seg_q, scalars, *, interpre
     args = [scalars, k_c, s_c, q, df, vec(lse), vec(g), vec(e)] + seg_args + [dq]
     dq = _call(dq_kernel, out_shape=jax.ShapeDtypeStruct(dq.shape, acc_t),
                grid=(B, tp // bm, D // dg), args=args, interpret=interpret,
+        itemsize=jnp.dtype(mm).itemsize,
                aliases={len(args) - 1: 0}, name="sessa_feedback_dq_gpu")
     return dk, dq
