@@ -7,7 +7,7 @@ the same device (x64 on), compared with the kernels' float32 and bfloat16 result
 error of s and of the four gradients. Exits non-zero when a case misses its tolerance
 (float32: 1e-4, bfloat16: 3e-2).
 
-    python scripts/check_feedback_gpu.py [--out check.json]
+    python scripts/check_feedback_gpu.py [--out check.json] [--gpu-loop-tile 64]
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import numpy as np
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None)
+    p.add_argument("--gpu-loop-tile", type=int, default=0,
+                   help="feedback_pallas_gpu.LOOP_TILE (0: the program's own tile)")
     args = p.parse_args(argv)
 
     import jax
@@ -29,7 +31,11 @@ def main(argv=None) -> int:
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
 
+    from sessa_jax.ops import feedback_pallas_gpu
     from sessa_jax.ops.feedback import feedback_solve
+
+    if args.gpu_loop_tile:
+        feedback_pallas_gpu.LOOP_TILE = args.gpu_loop_tile
 
     def rel(a, b):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

@@ -155,6 +155,22 @@ def test_gpu_kernels_split_columns_over_groups(monkeypatch, x64):
     _check(_both(_inputs(seed, 1, 45, 64), 16, kernels="gpu", block=256), 1e-9, seed)
 
 
+def test_gpu_kernels_loop_tile_wider_than_program_tile(monkeypatch, x64):
+    """LOOP_TILE: the side a program loops over in tiles of 32 while it owns 16 rows/keys
+    (budget forced down), T off the grid, packed documents."""
+    from sessa_jax.ops import feedback_pallas_gpu as gpu
+
+    monkeypatch.setattr(gpu, "ACC_BUDGET", 512)
+    monkeypatch.setattr(gpu, "LOOP_TILE", 32)
+    assert gpu.tiles(32, 48) == (16, 48) and gpu.loop_tile(32, 16) == 32
+    seed = _seed()
+    B, T = 2, 70
+    ids = np.zeros((B, T), np.int32)
+    ids[0, 20:45], ids[0, 45:] = 1, 2
+    _check(_both(_inputs(seed, B, T, 48), 32, seg=jnp.asarray(ids), kernels="gpu", block=256),
+           1e-9, seed)
+
+
 def test_gpu_tiles_for_model_widths():
     """The tiles the GPU kernels take at the widths of the model configs: all D columns in
     registers up to D = 2048 (3 x 256 at D = 768, 864 without padding), groups beyond."""

@@ -52,6 +52,10 @@ _NEG = -jnp.inf
 ACC_BUDGET = 32768
 NUM_WARPS = 8
 NUM_STAGES = 2
+#: rows (or keys) of the tiles a program loops over, the side without accumulators: None for
+#: the program's own tile size (what BENCHMARKS.md measured on 2026-12-08), else the largest
+#: power of two <= it dividing the chunk (64 gives 32 x 64 score tiles at D = 768; untimed).
+LOOP_TILE: int | None = None
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -89,6 +93,11 @@ def tiles(c: int, D: int, itemsize: int = 2) -> tuple[int, int]:
     while bm * dg > ACC_BUDGET and dg % 32 == 0:  # halves stay multiples of 16
         dg //= 2
     return bm, dg
+
+
+def loop_tile(c: int, bm: int) -> int:
+    """Tile of the side a program loops over (see :data:`LOOP_TILE`)."""
+    return bm if LOOP_TILE is None else _pow2_divisor(c, max(16, int(LOOP_TILE)))
 
 
 def _acc_dtype(dtype):
@@ -142,6 +151,7 @@ def cross_call(q_c, k, s, seg_c, seg_k, start, *, interpret=False):
     acc_t = _acc_dtype(s.dtype)
     mm = s.dtype
     bm, dg = tiles(c, D, jnp.dtype(mm).itemsize)
+    bn = loop_tile(c, bm)
     cols = pieces(dg)
     scale = 1.0 / math.sqrt(D)
     has_seg = seg_c is not None
@@ -159,13 +169,13 @@ def cross_call(q_c, k, s, seg_c, seg_k, start, *, interpret=False):
 
         def step(j, carry):
             m, l, accs = carry
-            j0 = pl.multiple_of(j * bm, bm)
+            j0 = pl.multiple_of(j * bn, bn)
             (sco,) = _contract(
                 [(lambda d0, w: q_ref[b, pl.ds(r0, bm), pl.ds(d0, w)],
-                  lambda d0, w: k_ref[b, pl.ds(j0, bm), pl.ds(d0, w)])], D, bm, bm, acc_t)
+                  lambda d0, w: k_ref[b, pl.ds(j0, bn), pl.ds(d0, w)])], D, bm, bn, acc_t)
             sco = sco * scale
             if has_seg:
-                sco = jnp.where(segq[:, None] == segk_ref[b, pl.ds(j0, bm)][None, :], sco, _NEG)
+                sco = jnp.where(segq[:, None] == segk_ref[b, pl.ds(j0, bn)][None, :], sco, _NEG)
             m_new = jnp.maximum(m, jnp.max(sco, axis=1))
             m_safe = jnp.where(m_new == _NEG, 0.0, m_new)
             p = jnp.exp(sco - m_safe[:, None])
@@ -173,13 +183,13 @@ def cross_call(q_c, k, s, seg_c, seg_k, start, *, interpret=False):
             l = corr * l + jnp.sum(p, axis=1)
             p = p.astype(mm)
             accs = tuple(
-                corr[:, None] * a + _nn(p, s_ref[b, pl.ds(j0, bm), pl.ds(col0 + o, wd)], acc_t)
+                corr[:, None] * a + _nn(p, s_ref[b, pl.ds(j0, bn), pl.ds(col0 + o, wd)], acc_t)
                 for (o, wd), a in zip(cols, accs))
             return m_new, l, accs
 
         init = (jnp.full((bm,), _NEG, acc_t), jnp.zeros((bm,), acc_t),
                 tuple(jnp.zeros((bm, w), acc_t) for _, w in cols))
-        m, l, accs = jax.lax.fori_loop(0, start_ // bm, step, init)  # keys < start only
+        m, l, accs = jax.lax.fori_loop(0, start_ // bn, step, init)  # keys < start only
         for (o, wd), a in zip(cols, accs):
             acc_ref[b, pl.ds(r0, bm), pl.ds(col0 + o, wd)] = a
 
@@ -196,8 +206,7 @@ def cross_call(q_c, k, s, seg_c, seg_k, start, *, interpret=False):
         out_shape=(jax.ShapeDtypeStruct((B, c), acc_t), jax.ShapeDtypeStruct((B, c), acc_t),
                    jax.ShapeDtypeStruct((B, c, D), acc_t)),
         grid=(B, c // bm, D // dg), args=args, interpret=interpret,
-        itemsize=jnp.dtype(mm).itemsize,
-        name="sessa_feedback_cross_gpu")
+        itemsize=jnp.dtype(mm).itemsize, name="sessa_feedback_cross_gpu")
     return m[..., None], l[..., None], acc
 
 
@@ -221,6 +230,7 @@ def rhs_call(k_c, q, lse, g, df, seg_c, seg_q, scalars, *, interpret=False):
     acc_t = _acc_dtype(df.dtype)
     mm = df.dtype
     bm, dg = tiles(c, D, jnp.dtype(mm).itemsize)
+    bn = loop_tile(c, bm)
     cols = pieces(dg)
     scale = 1.0 / math.sqrt(D)
     has_seg = seg_c is not None
@@ -237,19 +247,19 @@ def rhs_call(k_c, q, lse, g, df, seg_c, seg_q, scalars, *, interpret=False):
         segk = segc_ref[b, pl.ds(j0, bm)] if has_seg else None
 
         def step(t, accs):
-            t0 = pl.multiple_of(t * bm, bm)
+            t0 = pl.multiple_of(t * bn, bn)
             (sct,) = _contract(
                 [(lambda d0, w: k_ref[b, pl.ds(j0, bm), pl.ds(d0, w)],
-                  lambda d0, w: q_ref[b, pl.ds(t0, bm), pl.ds(d0, w)])], D, bm, bm, acc_t)
+                  lambda d0, w: q_ref[b, pl.ds(t0, bn), pl.ds(d0, w)])], D, bm, bn, acc_t)
             ok = True
             if has_seg:
-                ok = segk[:, None] == segq_ref[b, pl.ds(t0, bm)][None, :]
-            w = _w(sct * scale, lse_ref[b, pl.ds(t0, bm)], g_ref[b, pl.ds(t0, bm)].astype(acc_t),
+                ok = segk[:, None] == segq_ref[b, pl.ds(t0, bn)][None, :]
+            w = _w(sct * scale, lse_ref[b, pl.ds(t0, bn)], g_ref[b, pl.ds(t0, bn)].astype(acc_t),
                    ok).astype(mm)
-            return tuple(a + _nn(w, df_ref[b, pl.ds(t0, bm), pl.ds(col0 + o, wd)], acc_t)
+            return tuple(a + _nn(w, df_ref[b, pl.ds(t0, bn), pl.ds(col0 + o, wd)], acc_t)
                          for (o, wd), a in zip(cols, accs))
 
-        accs = jax.lax.fori_loop((start_ + c) // bm, tp // bm, step,
+        accs = jax.lax.fori_loop((start_ + c) // bn, tp // bn, step,
                                  tuple(jnp.zeros((bm, w), acc_t) for _, w in cols))
         for (o, wd), a in zip(cols, accs):
             out_ref[b, pl.ds(j0, bm), pl.ds(col0 + o, wd)] = a
@@ -259,8 +269,7 @@ def rhs_call(k_c, q, lse, g, df, seg_c, seg_q, scalars, *, interpret=False):
         args += [_flat_seg(seg_c, c), _flat_seg(seg_q, tp)]
     return _call(kernel, out_shape=jax.ShapeDtypeStruct((B, c, D), acc_t),
                  grid=(B, c // bm, D // dg), args=args, interpret=interpret,
-        itemsize=jnp.dtype(mm).itemsize,
-                 name="sessa_feedback_rhs_gpu")
+                 itemsize=jnp.dtype(mm).itemsize, name="sessa_feedback_rhs_gpu")
 
 
 def grad_call(k_c, s_c, q, lse, g, df, e, dq, seg_c, seg_q, scalars, *, interpret=False):
@@ -272,28 +281,29 @@ def grad_call(k_c, s_c, q, lse, g, df, e, dq, seg_c, seg_q, scalars, *, interpre
     acc_t = dq.dtype
     mm = df.dtype
     bm, dg = tiles(c, D, jnp.dtype(mm).itemsize)
+    bn = loop_tile(c, bm)
     cols = pieces(dg)
     scale = 1.0 / math.sqrt(D)
     has_seg = seg_c is not None
     vec = lambda x: x.reshape(B, tp)
     seg_args = [_flat_seg(seg_c, c), _flat_seg(seg_q, tp)] if has_seg else []
 
-    def pair_tiles(k_ref, s_ref, q_ref, df_ref, b, j0, t0):
-        """(scores^T, (s df^T)) tiles (keys j0.. of the chunk, rows t0..): (bm, bm) each."""
+    def pair_tiles(k_ref, s_ref, q_ref, df_ref, b, j0, t0, nk, nr):
+        """(scores^T, (s df^T)) tiles (nk keys j0.. of the chunk, nr rows t0..): (nk, nr)."""
         return _contract(
-            [(lambda d0, w: k_ref[b, pl.ds(j0, bm), pl.ds(d0, w)],
-              lambda d0, w: q_ref[b, pl.ds(t0, bm), pl.ds(d0, w)]),
-             (lambda d0, w: s_ref[b, pl.ds(j0, bm), pl.ds(d0, w)],
-              lambda d0, w: df_ref[b, pl.ds(t0, bm), pl.ds(d0, w)])], D, bm, bm, acc_t)
+            [(lambda d0, w: k_ref[b, pl.ds(j0, nk), pl.ds(d0, w)],
+              lambda d0, w: q_ref[b, pl.ds(t0, nr), pl.ds(d0, w)]),
+             (lambda d0, w: s_ref[b, pl.ds(j0, nk), pl.ds(d0, w)],
+              lambda d0, w: df_ref[b, pl.ds(t0, nr), pl.ds(d0, w)])], D, nk, nr, acc_t)
 
-    def ds_tile(sct, dpt, lse_ref, g_ref, e_ref, b, j0, t0, start_, segc_ref, segq_ref):
-        keys = start_ + j0 + jax.lax.broadcasted_iota(jnp.int32, (bm, bm), 0)
-        rows = t0 + jax.lax.broadcasted_iota(jnp.int32, (bm, bm), 1)
+    def ds_tile(sct, dpt, lse_ref, g_ref, e_ref, b, j0, t0, nk, nr, start_, segc_ref, segq_ref):
+        keys = start_ + j0 + jax.lax.broadcasted_iota(jnp.int32, (nk, nr), 0)
+        rows = t0 + jax.lax.broadcasted_iota(jnp.int32, (nk, nr), 1)
         ok = rows > keys
         if has_seg:
-            ok = ok & (segc_ref[b, pl.ds(j0, bm)][:, None] == segq_ref[b, pl.ds(t0, bm)][None, :])
-        w = _w(sct * scale, lse_ref[b, pl.ds(t0, bm)], g_ref[b, pl.ds(t0, bm)].astype(acc_t), ok)
-        return (w * (dpt - e_ref[b, pl.ds(t0, bm)].astype(acc_t)[None, :])).astype(mm)
+            ok = ok & (segc_ref[b, pl.ds(j0, nk)][:, None] == segq_ref[b, pl.ds(t0, nr)][None, :])
+        w = _w(sct * scale, lse_ref[b, pl.ds(t0, nr)], g_ref[b, pl.ds(t0, nr)].astype(acc_t), ok)
+        return (w * (dpt - e_ref[b, pl.ds(t0, nr)].astype(acc_t)[None, :])).astype(mm)
 
     # dk: one program per key tile of the chunk, looping over the row tiles from the chunk on.
     def dk_kernel(sc_ref, k_ref, s_ref, q_ref, df_ref, lse_ref, g_ref, e_ref, *rest):
@@ -305,13 +315,14 @@ def grad_call(k_c, s_c, q, lse, g, df, e, dq, seg_c, seg_q, scalars, *, interpre
         col0 = grp * dg
 
         def step(t, accs):
-            t0 = pl.multiple_of(t * bm, bm)
-            sct, dpt = pair_tiles(k_ref, s_ref, q_ref, df_ref, b, j0, t0)
-            dst = ds_tile(sct, dpt, lse_ref, g_ref, e_ref, b, j0, t0, start_, segc_ref, segq_ref)
-            return tuple(a + _nn(dst, q_ref[b, pl.ds(t0, bm), pl.ds(col0 + o, wd)], acc_t)
+            t0 = pl.multiple_of(t * bn, bn)
+            sct, dpt = pair_tiles(k_ref, s_ref, q_ref, df_ref, b, j0, t0, bm, bn)
+            dst = ds_tile(sct, dpt, lse_ref, g_ref, e_ref, b, j0, t0, bm, bn, start_, segc_ref,
+                          segq_ref)
+            return tuple(a + _nn(dst, q_ref[b, pl.ds(t0, bn), pl.ds(col0 + o, wd)], acc_t)
                          for (o, wd), a in zip(cols, accs))
 
-        accs = jax.lax.fori_loop(start_ // bm, tp // bm, step,
+        accs = jax.lax.fori_loop(start_ // bn, tp // bn, step,
                                  tuple(jnp.zeros((bm, w), acc_t) for _, w in cols))
         for (o, wd), a in zip(cols, accs):
             dk_ref[b, pl.ds(j0, bm), pl.ds(col0 + o, wd)] = a * scale
@@ -319,8 +330,7 @@ def grad_call(k_c, s_c, q, lse, g, df, e, dq, seg_c, seg_q, scalars, *, interpre
     args = [scalars, k_c, s_c, q, df, vec(lse), vec(g), vec(e)] + seg_args
     dk = _call(dk_kernel, out_shape=jax.ShapeDtypeStruct((B, c, D), acc_t),
                grid=(B, c // bm, D // dg), args=args, interpret=interpret,
-        itemsize=jnp.dtype(mm).itemsize,
-               name="sessa_feedback_dk_gpu")
+               itemsize=jnp.dtype(mm).itemsize, name="sessa_feedback_dk_gpu")
 
     # dq: one program per row tile (from the chunk on), looping over the chunk's key tiles.
     def dq_kernel(sc_ref, k_ref, s_ref, q_ref, df_ref, lse_ref, g_ref, e_ref, *rest):
@@ -334,18 +344,18 @@ def grad_call(k_c, s_c, q, lse, g, df, e, dq, seg_c, seg_q, scalars, *, interpre
         @pl.when(t0 >= start_)  # rows before the chunk see none of its keys
         def _():
             def step(j, accs):
-                j0 = pl.multiple_of(j * bm, bm)
-                sct, dpt = pair_tiles(k_ref, s_ref, q_ref, df_ref, b, j0, t0)
-                dst = ds_tile(sct, dpt, lse_ref, g_ref, e_ref, b, j0, t0, start_, segc_ref,
-                              segq_ref)
+                j0 = pl.multiple_of(j * bn, bn)
+                sct, dpt = pair_tiles(k_ref, s_ref, q_ref, df_ref, b, j0, t0, bn, bm)
+                dst = ds_tile(sct, dpt, lse_ref, g_ref, e_ref, b, j0, t0, bn, bm, start_,
+                              segc_ref, segq_ref)
                 # dq_t += dscore[t, j] k_j: dst is (keys, rows), contract over keys.
                 return tuple(
                     a + jax.lax.dot_general(
-                        dst, k_ref[b, pl.ds(j0, bm), pl.ds(col0 + o, wd)],
+                        dst, k_ref[b, pl.ds(j0, bn), pl.ds(col0 + o, wd)],
                         (((0,), (0,)), ((), ())), preferred_element_type=acc_t)
                     for (o, wd), a in zip(cols, accs))
 
-            accs = jax.lax.fori_loop(0, c // bm, step,
+            accs = jax.lax.fori_loop(0, c // bn, step,
                                      tuple(jnp.zeros((bm, w), acc_t) for _, w in cols))
             for (o, wd), a in zip(cols, accs):
                 sl = pl.ds(col0 + o, wd)
@@ -354,6 +364,6 @@ def grad_call(k_c, s_c, q, lse, g, df, e, dq, seg_c, seg_q, scalars, *, interpre
     args = [scalars, k_c, s_c, q, df, vec(lse), vec(g), vec(e)] + seg_args + [dq]
     dq = _call(dq_kernel, out_shape=jax.ShapeDtypeStruct(dq.shape, acc_t),
                grid=(B, tp // bm, D // dg), args=args, interpret=interpret,
-        itemsize=jnp.dtype(mm).itemsize,
-               aliases={len(args) - 1: 0}, name="sessa_feedback_dq_gpu")
+               itemsize=jnp.dtype(mm).itemsize, aliases={len(args) - 1: 0},
+               name="sessa_feedback_dq_gpu")
     return dk, dq
