@@ -22,6 +22,8 @@ import numpy as np
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None)
+    p.add_argument("--small", action="store_true",
+                   help="the two small cases only (a smoke run; on CPU the kernels interpret)")
     p.add_argument("--gpu-loop-tile", type=int, default=0,
                    help="feedback_pallas_gpu.LOOP_TILE (0: the program's own tile)")
     args = p.parse_args(argv)
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
     cases = [  # (B, T, D, chunk, segments)
         (1, 1, 64, 64, False), (2, 300, 64, 64, True), (2, 700, 864, 128, True),
         (1, 2500, 768, 512, False),
-    ]
+    ][: 2 if args.small else None]
     tol = {"float32": 1e-4, "bfloat16": 3e-2}
     seeds = np.random.SeedSequence().generate_state(len(cases))
     rows, ok = [], True

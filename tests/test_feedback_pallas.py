@@ -259,3 +259,19 @@ def test_kernels_compile_for_tpu_ahead_of_time():
     out = p.stdout + p.stderr
     assert "no TPU topology" not in out, "libtpu missing or topology API failed:\n" + out
     assert p.returncode == 0 and out.count("OK  v5e") == 2, out[-3000:]
+
+
+def test_gpu_check_script_runs_small_cases_on_cpu():
+    """scripts/check_feedback_gpu.py (the on-device check of the kernels against dense in
+    float64) in its smoke mode on this CPU: its error arithmetic passes, and it names each case."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, os.path.join(root, "scripts", "check_feedback_gpu.py"),
+                        "--small"], capture_output=True, text=True, timeout=300, env=env,
+                       cwd=root)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert p.stdout.count(" ok") == 4 and "all ok" in p.stdout, p.stdout
