@@ -274,4 +274,4 @@ def test_gpu_check_script_runs_small_cases_on_cpu():
                         "--small"], capture_output=True, text=True, timeout=300, env=env,
                        cwd=root)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    assert p.stdout.count(" ok") == 4 and "all ok" in p.stdout, p.stdout
+    assert p.stdout.count("  ok\n") == 4 and "all ok" in p.stdout, p.stdout
