@@ -49,6 +49,7 @@ def _run_one(args) -> dict:
     res = dict(impl=args.one_impl, T=T, B=B, D=D, heads=args.heads, chunk=args.chunk,
                segments=args.segments, inverse=args.inverse, unroll=args.unroll,
                gamma_dtype=args.gamma_dtype, remat=args.remat, gpu_loop_tile=args.gpu_loop_tile,
+               gpu_min_programs=args.gpu_min_programs,
                layer_remat=(args.layer_remat if args.one_impl in ("chunked", "pallas", "dense")
                             else "none"),
                device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
@@ -188,7 +189,8 @@ def _sweep(args) -> list[dict]:
                "--segments", str(args.segments), "--inverse", args.inverse,
                "--unroll", str(args.unroll),
                "--gamma-dtype", args.gamma_dtype, "--remat", args.remat,
-               "--layer-remat", args.layer_remat, "--gpu-loop-tile", str(args.gpu_loop_tile)]
+               "--layer-remat", args.layer_remat, "--gpu-loop-tile", str(args.gpu_loop_tile),
+               "--gpu-min-programs", str(args.gpu_min_programs)]
         t0 = time.time()
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -259,6 +261,8 @@ def main():
                    help="the Sessa layer's own staged backward (SessaConfig.layer_remat)")
     p.add_argument("--gpu-loop-tile", type=int, default=0,
                    help="pallas on GPU: feedback_pallas_gpu.LOOP_TILE (0: the program's tile)")
+    p.add_argument("--gpu-min-programs", type=int, default=0,
+                   help="pallas on GPU: feedback_pallas_gpu.MIN_PROGRAMS (0: no split loops)")
     p.add_argument("--dense-max-T", type=int, default=16384)
     p.add_argument("--decode-contexts", default="4096,32768")
     p.add_argument("--timeout", type=int, default=240)
@@ -270,10 +274,10 @@ def main():
     args = p.parse_args()
 
     if args.one_impl:
-        if args.gpu_loop_tile:
-            from sessa_jax.ops import feedback_pallas_gpu
+        from sessa_jax.ops import feedback_pallas_gpu
 
-            feedback_pallas_gpu.LOOP_TILE = args.gpu_loop_tile
+        feedback_pallas_gpu.LOOP_TILE = args.gpu_loop_tile or None
+        feedback_pallas_gpu.MIN_PROGRAMS = args.gpu_min_programs or None
         r = _run_decode(args) if args.mode == "decode" else _run_one(args)
         print(json.dumps(r), flush=True)
         return

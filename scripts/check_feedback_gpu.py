@@ -7,7 +7,7 @@ the same device (x64 on), compared with the kernels' float32 and bfloat16 result
 error of s and of the four gradients. Exits non-zero when a case misses its tolerance
 (float32: 1e-4, bfloat16: 3e-2).
 
-    python scripts/check_feedback_gpu.py [--out check.json] [--gpu-loop-tile 64]
+    python scripts/check_feedback_gpu.py [--out check.json] [--gpu-loop-tile 64] [--gpu-min-programs 264]
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ def main(argv=None) -> int:
                    help="the two small cases only (a smoke run; on CPU the kernels interpret)")
     p.add_argument("--gpu-loop-tile", type=int, default=0,
                    help="feedback_pallas_gpu.LOOP_TILE (0: the program's own tile)")
+    p.add_argument("--gpu-min-programs", type=int, default=0,
+                   help="feedback_pallas_gpu.MIN_PROGRAMS (0: no split loops)")
     args = p.parse_args(argv)
 
     import jax
@@ -36,8 +38,8 @@ def main(argv=None) -> int:
     from sessa_jax.ops import feedback_pallas_gpu
     from sessa_jax.ops.feedback import feedback_solve
 
-    if args.gpu_loop_tile:
-        feedback_pallas_gpu.LOOP_TILE = args.gpu_loop_tile
+    feedback_pallas_gpu.LOOP_TILE = args.gpu_loop_tile or None
+    feedback_pallas_gpu.MIN_PROGRAMS = args.gpu_min_programs or None
 
     def rel(a, b):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

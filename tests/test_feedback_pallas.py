@@ -171,6 +171,22 @@ def test_gpu_kernels_loop_tile_wider_than_program_tile(monkeypatch, x64):
            1e-9, seed)
 
 
+def test_gpu_kernels_split_loops_over_programs(monkeypatch, x64):
+    """MIN_PROGRAMS: the forward, rhs and dk loops split over several programs and merged
+    after (the forward's online-softmax states included), with packed documents so that some
+    parts see no key."""
+    from sessa_jax.ops import feedback_pallas_gpu as gpu
+
+    monkeypatch.setattr(gpu, "MIN_PROGRAMS", 24)
+    assert gpu.splits(4, 5) == 5 and gpu.splits(4, 100) == 6 and gpu.splits(30, 9) == 1
+    seed = _seed()
+    B, T = 2, 90
+    ids = np.zeros((B, T), np.int32)
+    ids[0, 40:], ids[1, 10:70], ids[1, 70:] = 1, 1, 2
+    _check(_both(_inputs(seed, B, T, 32), 32, seg=jnp.asarray(ids), kernels="gpu", block=256),
+           1e-9, seed)
+
+
 def test_gpu_tiles_for_model_widths():
     """The tiles the GPU kernels take at the widths of the model configs: all D columns in
     registers up to D = 2048 (3 x 256 at D = 768, 864 without padding), groups beyond."""
@@ -187,13 +203,20 @@ def test_gpu_tiles_for_model_widths():
         tiles(24, 768)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_gpu_lowering_uses_the_triton_kernels(dtype):
+@pytest.mark.parametrize("dtype,variant", [("bfloat16", None), ("float32", None),
+                                           ("bfloat16", (64, 264))])
+def test_gpu_lowering_uses_the_triton_kernels(dtype, variant, monkeypatch):
     """Lowered for CUDA from this CPU host, the solve's forward and backward hold the four
     Triton kernels (no Mosaic): what a GPU compiles. At the 125M width (D = 864: slices of
-    256, 256, 256, 64, 32) with T off the chunk grid."""
+    256, 256, 256, 64, 32) with T off the chunk grid; also with the untimed variants
+    (LOOP_TILE 64, loops split to reach 264 programs)."""
     import re
 
+    from sessa_jax.ops import feedback_pallas_gpu as gpu
+
+    if variant:
+        monkeypatch.setattr(gpu, "LOOP_TILE", variant[0])
+        monkeypatch.setattr(gpu, "MIN_PROGRAMS", variant[1])
     B, T, D = 2, 300, 864
     dt = getattr(jnp, dtype)
 

@@ -56,6 +56,10 @@ NUM_STAGES = 2
 #: the program's own tile size (what BENCHMARKS.md measured on 2026-12-08), else the largest
 #: power of two <= it dividing the chunk (64 gives 32 x 64 score tiles at D = 768; untimed).
 LOOP_TILE: int | None = None
+#: split the loop of the forward, rhs and dk kernels over this many programs at least
+#: (flash-decoding style: partial results merged after the call), for grids of a few dozen
+#: programs (B x c / bm at chunk 512); None: no split (what was measured on 2026-12-08).
+MIN_PROGRAMS: int | None = None
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -98,6 +102,21 @@ def tiles(c: int, D: int, itemsize: int = 2) -> tuple[int, int]:
 def loop_tile(c: int, bm: int) -> int:
     """Tile of the side a program loops over (see :data:`LOOP_TILE`)."""
     return bm if LOOP_TILE is None else _pow2_divisor(c, max(16, int(LOOP_TILE)))
+
+
+def splits(programs: int, max_steps: int) -> int:
+    """How many programs share one loop (see :data:`MIN_PROGRAMS`): 1, or enough to reach
+    MIN_PROGRAMS, at most one a loop step."""
+    if not MIN_PROGRAMS or programs >= MIN_PROGRAMS:
+        return 1
+    return max(1, min(-(-int(MIN_PROGRAMS) // programs), max_steps))
+
+
+def _part(lo, hi, n_split, i):
+    """[lo, hi) cut into n_split nearly equal parts (dynamic bounds): the i-th."""
+    per = (hi - lo + n_split - 1) // n_split
+    a = lo + i * per
+    return a, jnp.minimum(hi, a + per)
 
 
 def _acc_dtype(dtype):
@@ -155,13 +174,15 @@ def cross_call(q_c, k, s, seg_c, seg_k, start, *, interpret=False):
     cols = pieces(dg)
     scale = 1.0 / math.sqrt(D)
     has_seg = seg_c is not None
+    n_split = splits(B * (c // bm) * (D // dg), tp // bn)
 
     def kernel(sc_ref, q_ref, k_ref, s_ref, *rest):
         if has_seg:
             segq_ref, segk_ref, m_ref, l_ref, acc_ref = rest
         else:
             m_ref, l_ref, acc_ref = rest
-        b, r, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        b, r, gs = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        g, part = gs // n_split, gs % n_split
         start_ = sc_ref[0]
         r0 = pl.multiple_of(r * bm, bm)
         col0 = g * dg
@@ -189,24 +210,32 @@ def cross_call(q_c, k, s, seg_c, seg_k, start, *, interpret=False):
 
         init = (jnp.full((bm,), _NEG, acc_t), jnp.zeros((bm,), acc_t),
                 tuple(jnp.zeros((bm, w), acc_t) for _, w in cols))
-        m, l, accs = jax.lax.fori_loop(0, start_ // bn, step, init)  # keys < start only
+        lo, hi = _part(0, start_ // bn, n_split, part)  # keys < start only
+        m, l, accs = jax.lax.fori_loop(lo, hi, step, init)
         for (o, wd), a in zip(cols, accs):
-            acc_ref[b, pl.ds(r0, bm), pl.ds(col0 + o, wd)] = a
+            acc_ref[part, b, pl.ds(r0, bm), pl.ds(col0 + o, wd)] = a
 
         @pl.when(g == 0)
         def _():
-            m_ref[b, pl.ds(r0, bm)] = m
-            l_ref[b, pl.ds(r0, bm)] = l
+            m_ref[part, b, pl.ds(r0, bm)] = m
+            l_ref[part, b, pl.ds(r0, bm)] = l
 
     args = [jnp.reshape(start, (1,)).astype(jnp.int32), q_c, k, s]
     if has_seg:
         args += [_flat_seg(seg_c, c), _flat_seg(seg_k, tp)]
     m, l, acc = _call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((B, c), acc_t), jax.ShapeDtypeStruct((B, c), acc_t),
-                   jax.ShapeDtypeStruct((B, c, D), acc_t)),
-        grid=(B, c // bm, D // dg), args=args, interpret=interpret,
+        out_shape=(jax.ShapeDtypeStruct((n_split, B, c), acc_t),
+                   jax.ShapeDtypeStruct((n_split, B, c), acc_t),
+                   jax.ShapeDtypeStruct((n_split, B, c, D), acc_t)),
+        grid=(B, c // bm, (D // dg) * n_split), args=args, interpret=interpret,
         itemsize=jnp.dtype(mm).itemsize, name="sessa_feedback_cross_gpu")
+    if n_split == 1:
+        m, l, acc = m[0], l[0], acc[0]
+    else:  # merge the parts' online-softmax states
+        m_all = jnp.max(m, axis=0)
+        w = jnp.where(m == _NEG, 0.0, jnp.exp(m - jnp.where(m_all == _NEG, 0.0, m_all)))
+        m, l, acc = m_all, jnp.sum(w * l, axis=0), jnp.sum(w[..., None] * acc, axis=0)
     return m[..., None], l[..., None], acc
 
 
@@ -234,13 +263,15 @@ def rhs_call(k_c, q, lse, g, df, seg_c, seg_q, scalars, *, interpret=False):
     cols = pieces(dg)
     scale = 1.0 / math.sqrt(D)
     has_seg = seg_c is not None
+    n_split = splits(B * (c // bm) * (D // dg), tp // bn)
 
     def kernel(sc_ref, k_ref, q_ref, lse_ref, g_ref, df_ref, *rest):
         if has_seg:
             segc_ref, segq_ref, out_ref = rest
         else:
             (out_ref,) = rest
-        b, jt, grp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        b, jt, gs = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        grp, part = gs // n_split, gs % n_split
         start_ = sc_ref[1]
         j0 = pl.multiple_of(jt * bm, bm)  # within the chunk
         col0 = grp * dg
@@ -259,17 +290,18 @@ def rhs_call(k_c, q, lse, g, df, seg_c, seg_q, scalars, *, interpret=False):
             return tuple(a + _nn(w, df_ref[b, pl.ds(t0, bn), pl.ds(col0 + o, wd)], acc_t)
                          for (o, wd), a in zip(cols, accs))
 
-        accs = jax.lax.fori_loop((start_ + c) // bn, tp // bn, step,
-                                 tuple(jnp.zeros((bm, w), acc_t) for _, w in cols))
+        lo, hi = _part((start_ + c) // bn, tp // bn, n_split, part)
+        accs = jax.lax.fori_loop(lo, hi, step, tuple(jnp.zeros((bm, w), acc_t) for _, w in cols))
         for (o, wd), a in zip(cols, accs):
-            out_ref[b, pl.ds(j0, bm), pl.ds(col0 + o, wd)] = a
+            out_ref[part, b, pl.ds(j0, bm), pl.ds(col0 + o, wd)] = a
 
     args = [scalars, k_c, q, lse.reshape(B, tp), g.reshape(B, tp), df]
     if has_seg:
         args += [_flat_seg(seg_c, c), _flat_seg(seg_q, tp)]
-    return _call(kernel, out_shape=jax.ShapeDtypeStruct((B, c, D), acc_t),
-                 grid=(B, c // bm, D // dg), args=args, interpret=interpret,
-                 itemsize=jnp.dtype(mm).itemsize, name="sessa_feedback_rhs_gpu")
+    out = _call(kernel, out_shape=jax.ShapeDtypeStruct((n_split, B, c, D), acc_t),
+                grid=(B, c // bm, (D // dg) * n_split), args=args, interpret=interpret,
+                itemsize=jnp.dtype(mm).itemsize, name="sessa_feedback_rhs_gpu")
+    return out[0] if n_split == 1 else jnp.sum(out, axis=0)
 
 
 def grad_call(k_c, s_c, q, lse, g, df, e, dq, seg_c, seg_q, scalars, *, interpret=False):
@@ -285,6 +317,7 @@ def grad_call(k_c, s_c, q, lse, g, df, e, dq, seg_c, seg_q, scalars, *, interpre
     cols = pieces(dg)
     scale = 1.0 / math.sqrt(D)
     has_seg = seg_c is not None
+    n_split = splits(B * (c // bm) * (D // dg), tp // bn)  # for dk; dq has tp / bm programs
     vec = lambda x: x.reshape(B, tp)
     seg_args = [_flat_seg(seg_c, c), _flat_seg(seg_q, tp)] if has_seg else []
 
@@ -309,7 +342,8 @@ def grad_call(k_c, s_c, q, lse, g, df, e, dq, seg_c, seg_q, scalars, *, interpre
     def dk_kernel(sc_ref, k_ref, s_ref, q_ref, df_ref, lse_ref, g_ref, e_ref, *rest):
         segc_ref, segq_ref = rest[:2] if has_seg else (None, None)
         dk_ref = rest[-1]
-        b, jt, grp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        b, jt, gs = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        grp, part = gs // n_split, gs % n_split
         start_ = sc_ref[1]
         j0 = pl.multiple_of(jt * bm, bm)
         col0 = grp * dg
@@ -322,15 +356,16 @@ def grad_call(k_c, s_c, q, lse, g, df, e, dq, seg_c, seg_q, scalars, *, interpre
             return tuple(a + _nn(dst, q_ref[b, pl.ds(t0, bn), pl.ds(col0 + o, wd)], acc_t)
                          for (o, wd), a in zip(cols, accs))
 
-        accs = jax.lax.fori_loop(start_ // bn, tp // bn, step,
-                                 tuple(jnp.zeros((bm, w), acc_t) for _, w in cols))
+        lo, hi = _part(start_ // bn, tp // bn, n_split, part)
+        accs = jax.lax.fori_loop(lo, hi, step, tuple(jnp.zeros((bm, w), acc_t) for _, w in cols))
         for (o, wd), a in zip(cols, accs):
-            dk_ref[b, pl.ds(j0, bm), pl.ds(col0 + o, wd)] = a * scale
+            dk_ref[part, b, pl.ds(j0, bm), pl.ds(col0 + o, wd)] = a * scale
 
     args = [scalars, k_c, s_c, q, df, vec(lse), vec(g), vec(e)] + seg_args
-    dk = _call(dk_kernel, out_shape=jax.ShapeDtypeStruct((B, c, D), acc_t),
-               grid=(B, c // bm, D // dg), args=args, interpret=interpret,
+    dk = _call(dk_kernel, out_shape=jax.ShapeDtypeStruct((n_split, B, c, D), acc_t),
+               grid=(B, c // bm, (D // dg) * n_split), args=args, interpret=interpret,
                itemsize=jnp.dtype(mm).itemsize, name="sessa_feedback_dk_gpu")
+    dk = dk[0] if n_split == 1 else jnp.sum(dk, axis=0)
 
     # dq: one program per row tile (from the chunk on), looping over the chunk's key tiles.
     def dq_kernel(sc_ref, k_ref, s_ref, q_ref, df_ref, lse_ref, g_ref, e_ref, *rest):
