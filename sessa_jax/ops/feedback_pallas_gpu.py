@@ -13,9 +13,15 @@ and all D columns of its output, as register accumulators of power-of-two widths
 (:func:`pieces`: 3 x 256 for D = 768; 256, 256, 256, 64, 32 for D = 864), and loops over the
 other side's tiles inside the kernel (``lax.fori_loop`` with a bound that depends on the
 chunk: the causal skip). The score tile's contraction over D runs over the same slices,
-unrolled. When bm x D floats would not fit the
-register budget (:data:`ACC_BUDGET`; D > 2048), the columns are split over a grid axis of
-groups and the scores are recomputed once per group.
+unrolled. When bm x D floats would not fit the register budget (:data:`ACC_BUDGET`;
+D > 2048), the columns are split over a grid axis of groups and the scores are recomputed
+once per group.
+
+Speed (BENCHMARKS.md, H100, 2026-12-08): 2-5.5x slower than "chunked", which stays the GPU
+default; this path halves the solve's peak memory. Two knobs for the next measurements, off by
+default and not yet timed: :data:`LOOP_TILE` (wider tiles on the looped side: 32 x 64 score
+tiles instead of 32 x 32) and :data:`MIN_PROGRAMS` (loops split over programs, partials merged
+after, for the grids of B x c / 32 programs that leave most SMs idle at chunk 512).
 
 Per tile pair, in units of one (bm x bn x D) product:
 
