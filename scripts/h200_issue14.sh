@@ -4,10 +4,13 @@
 #   bash scripts/h200_issue14.sh models  OUT_DIR   # 125M Sessa vs Transformer at T=2048 and 8192
 #   bash scripts/h200_issue14.sh million OUT_DIR   # T=1,048,576: one layer, the 125M model
 #   bash scripts/h200_issue14.sh datawait OUT_DIR  # 125M at T=2048: device idle on input
+#   bash scripts/h200_issue14.sh kernels OUT_DIR   # the GPU (Triton) feedback kernels: checked
+#                                                  # against dense, then timed with and without
+#                                                  # the untimed knobs, chunked alongside
 # Each part writes JSON and logs under OUT_DIR; BENCHMARKS.md quotes them.
 set -u
 cd "$(dirname "$0")/.."
-part=${1:?part: layer, models or million}
+part=${1:?part: layer, models, million, datawait or kernels}
 out=${2:?output directory}
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -52,6 +55,22 @@ datawait)
     --modes strong --steps 150 --log-every 10 --out "$out/sessa-2048-datawait.json" \
     model.scan_layers=true
   ;;
+kernels)
+  # issue 14 item 1 on a GPU: float32 and bf16 results against "dense" (float64), the default
+  # tiles and the two knobs; then the solve alone, chunked vs pallas, at chunk 512 and 2048.
+  $py scripts/check_feedback_gpu.py --out "$out/check.json"
+  $py scripts/check_feedback_gpu.py --out "$out/check-knobs.json" --gpu-loop-tile 64 \
+    --gpu-min-programs 264
+  for knobs in "" "--gpu-loop-tile 64" "--gpu-min-programs 264" \
+      "--gpu-loop-tile 64 --gpu-min-programs 264"; do
+    tag=$(echo "$knobs" | tr -dc 'a-z0-9' | cut -c1-40)
+    $py scripts/bench_layer.py --impls feedback,feedback-pallas --T 8192 --chunk 512 $knobs \
+      --decode-contexts= --timeout 120 --out "$out/solve-8k-c512${tag:+-$tag}.json" --markdown
+  done
+  $py scripts/bench_layer.py --impls feedback,feedback-pallas --T 8192 --chunk 2048 \
+    --gpu-loop-tile 64 --gpu-min-programs 264 --decode-contexts= --timeout 120 \
+    --out "$out/solve-8k-c2048-knobs.json" --markdown
+  ;;
 *)
-  echo "unknown part $part (layer, models, million)" >&2; exit 2 ;;
+  echo "unknown part $part (layer, models, million, datawait, kernels)" >&2; exit 2 ;;
 esac
