@@ -392,7 +392,9 @@ def _chunked_forward(q_b, k_b, gamma, f, seg, c, edges, inverse, keep_inv=True):
     scale = 1.0 / math.sqrt(D)
     looped = len(edges) - 1 < n  # segments of several chunks: scans that stay loops
 
-    def make_step(kp, k_all, seg_all):
+    def make_step(kp, k_all, seg_all, static_start=None):
+        """static_start: the chunk's first row when this scan is one chunk (the unrolled
+        sweep), so that the cross term can skip the keys of the chunk itself statically."""
         k_seg = k_all[:, :kp]
         cols = jnp.arange(kp)
         seg_cols = None if seg_all is None else seg_all[:, :kp]
@@ -408,10 +410,17 @@ def _chunked_forward(q_b, k_b, gamma, f, seg, c, edges, inverse, keep_inv=True):
             seg_c = None if seg is None else jax.lax.dynamic_slice_in_dim(seg, start, c, axis=1)
             e, l, lse_c = _masked_exp(scores, visible(rows, cols, seg_c, seg_cols, strict=True))
             alpha = e / l[..., None]
-            # Rows >= start are still zero in s_buf, so this sums over earlier chunks only.
-            cross = jnp.einsum(
-                "bct,btd->bcd", alpha.astype(mm), s_buf[:, :kp], preferred_element_type=acc,
-            )
+            # Rows >= start are still zero in s_buf, so this sums over earlier chunks only; a
+            # static start reads only those (the chunk's own c keys and, for the first chunk,
+            # the whole product were multiplications by zero: a c x c x D product a chunk).
+            if static_start is None:
+                cross = jnp.einsum("bct,btd->bcd", alpha.astype(mm), s_buf[:, :kp],
+                                   preferred_element_type=acc)
+            elif static_start == 0:
+                cross = jnp.zeros((B, c, D), acc)
+            else:
+                cross = jnp.einsum("bct,btd->bcd", alpha[..., :static_start].astype(mm),
+                                   s_buf[:, :static_start], preferred_element_type=acc)
             a_cc = jax.lax.dynamic_slice_in_dim(alpha, start, c, axis=2)
             return _solve_chunk(carry, i, start, a_cc, cross, f_c, g_c, lse_c, inverse, mm), None
 
@@ -428,7 +437,8 @@ def _chunked_forward(q_b, k_b, gamma, f, seg, c, edges, inverse, keep_inv=True):
     )
     for a, b in zip(edges[:-1], edges[1:]):
         (k_all, seg_all), carry = _after((k_b, seg), carry, looped)
-        carry, _ = jax.lax.scan(make_step(b * c, k_all, seg_all), carry, jnp.arange(a, b))
+        step = make_step(b * c, k_all, seg_all, a * c if b - a == 1 else None)
+        carry, _ = jax.lax.scan(step, carry, jnp.arange(a, b))
     return carry
 
 
@@ -477,7 +487,8 @@ def _chunked_bwd(c, edges, inverse, keep_inv, res, g_s):
     n = tp // c
     looped = len(edges) - 1 < n
 
-    def make_step(r0, q_seg, lse_seg, g_seg, seg_rows):
+    def make_step(r0, q_seg, lse_seg, g_seg, seg_rows, one_chunk=False):
+        """one_chunk: this scan is the single chunk starting at r0 (the unrolled sweep)."""
         rows = r0 + jnp.arange(tp - r0)
         g_cols = g_seg.astype(acc)[:, None, :]  # gamma_t of the tile's columns t >= r0
 
@@ -503,8 +514,17 @@ def _chunked_bwd(c, edges, inverse, keep_inv, res, g_s):
                 inv_c = _block_inverse(n_cc, inverse, mm)
             if _half(mm):
                 w_t = w_t.astype(mm)
-            # df is zero on rows not yet solved, so this reads later chunks only.
-            rhs = gs_c + jnp.einsum("bjt,btd->bjd", w_t.astype(mm), df, preferred_element_type=acc)
+            # df is zero on rows not yet solved, so this reads later chunks only; with one chunk
+            # a scan the chunk's own rows (the first c) are skipped statically, and the last
+            # chunk has nothing to read.
+            if not one_chunk:
+                rhs = gs_c + jnp.einsum("bjt,btd->bjd", w_t.astype(mm), df,
+                                        preferred_element_type=acc)
+            elif tp - r0 > c:
+                rhs = gs_c + jnp.einsum("bjt,btd->bjd", w_t[..., c:].astype(mm), df[:, c:],
+                                        preferred_element_type=acc)
+            else:
+                rhs = gs_c
             df_c = _inner("bji,bjd->bid", inv_c, rhs, mm)  # (I - diag(g) A_cc)^{-T} rhs
             e_c = jnp.sum(df_c * ctx_c, axis=-1)
             df = jax.lax.dynamic_update_slice_in_dim(df, df_c.astype(f_dtype), local, 1)
@@ -536,7 +556,8 @@ def _chunked_bwd(c, edges, inverse, keep_inv, res, g_s):
         (q_all, lse_all, g_all, seg_all), (rows_carry, outs) = _after(
             (q_b, lse, gamma, seg), (rows_carry, outs), looped)
         seg_rows = None if seg_all is None else seg_all[:, r0:]
-        step = make_step(r0, q_all[:, r0:], lse_all[:, r0:], g_all[:, r0:], seg_rows)
+        step = make_step(r0, q_all[:, r0:], lse_all[:, r0:], g_all[:, r0:], seg_rows,
+                         one_chunk=b - a == 1)
         (rows_carry, outs), _ = jax.lax.scan(
             step, (rows_carry, outs), jnp.arange(a, b), reverse=True
         )
