@@ -409,19 +409,22 @@ def _chunked_forward(q_b, k_b, gamma, f, seg, c, edges, inverse, keep_inv=True):
             scores = jnp.einsum("bcd,btd->bct", q_c, k_seg, preferred_element_type=acc) * scale
             seg_c = None if seg is None else jax.lax.dynamic_slice_in_dim(seg, start, c, axis=1)
             e, l, lse_c = _masked_exp(scores, visible(rows, cols, seg_c, seg_cols, strict=True))
-            alpha = e / l[..., None]
+            inv_l = (1.0 / l)[..., None]
+            # The product takes e, normalised after it (c x D divisions instead of c x keys):
+            # e's cast to the operand dtype does not wait for the row sums, so it can leave in
+            # the same pass over the scores as the sums do.
             # Rows >= start are still zero in s_buf, so this sums over earlier chunks only; a
             # static start reads only those (the chunk's own c keys and, for the first chunk,
             # the whole product were multiplications by zero: a c x c x D product a chunk).
             if static_start is None:
-                cross = jnp.einsum("bct,btd->bcd", alpha.astype(mm), s_buf[:, :kp],
-                                   preferred_element_type=acc)
+                cross = jnp.einsum("bct,btd->bcd", e.astype(mm), s_buf[:, :kp],
+                                   preferred_element_type=acc) * inv_l
             elif static_start == 0:
                 cross = jnp.zeros((B, c, D), acc)
             else:
-                cross = jnp.einsum("bct,btd->bcd", alpha[..., :static_start].astype(mm),
-                                   s_buf[:, :static_start], preferred_element_type=acc)
-            a_cc = jax.lax.dynamic_slice_in_dim(alpha, start, c, axis=2)
+                cross = jnp.einsum("bct,btd->bcd", e[..., :static_start].astype(mm),
+                                   s_buf[:, :static_start], preferred_element_type=acc) * inv_l
+            a_cc = jax.lax.dynamic_slice_in_dim(e, start, c, axis=2) * inv_l
             return _solve_chunk(carry, i, start, a_cc, cross, f_c, g_c, lse_c, inverse, mm), None
 
         return step
