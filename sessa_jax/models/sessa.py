@@ -19,7 +19,7 @@ from flax import nnx, struct
 
 from sessa_jax.models.attention import CausalSelfAttention, check_capacity, write_rows
 from sessa_jax.models.config import SessaConfig, to_dtype
-from sessa_jax.models.layers import layer_norm, linear, logical, rms_norm
+from sessa_jax.models.layers import layer_norm, linear, logical, rms_norm, split_products
 from sessa_jax.models.partitioning import constrain, row_spread, spread_rows
 from sessa_jax.ops.attention import causal_attention
 from sessa_jax.ops.feedback import feedback_decode_step, feedback_solve
@@ -90,7 +90,7 @@ class SessaMixer(CausalSelfAttention):
         bfloat16 has no value between 0.99609375 and 1, so gamma_max = 0.999 would round to 1
         and break the |gamma| < 1 contraction exactly where long memory lives.
         """
-        q_b, k_b = jnp.split(self.proj_fb(a), 2, axis=-1)
+        q_b, k_b = split_products(self.proj_fb, a)
         if self.cfg.feedback_qk_norm:
             q_b, k_b = self.fb_q_norm(q_b), self.fb_k_norm(k_b)
         acc = jnp.float64 if a.dtype == jnp.float64 else jnp.float32
@@ -164,7 +164,7 @@ class SessaLayer(nnx.Module):
         self.W_out = linear(D, D, ("mlp", "embed"), **kw)
 
     def _pre(self, x):
-        a, g = jnp.split(self.W_in(self.ln(x)), 2, axis=-1)
+        a, g = split_products(self.W_in, self.ln(x))
         return constrain(jax.nn.gelu(a, approximate=False), _ROWS), constrain(g, _ROWS)
 
     def __call__(self, x, segment_ids=None):
