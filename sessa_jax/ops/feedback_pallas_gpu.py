@@ -45,11 +45,14 @@ chunk up; D is checked there). On CPU these kernels run in Pallas's interpret mo
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+
+from sessa_jax.ops.feedback import _acc_dtype
 
 _NEG = -jnp.inf
 
@@ -125,8 +128,26 @@ def _part(lo, hi, n_split, i):
     return a, jnp.minimum(hi, a + per)
 
 
-def _acc_dtype(dtype):
-    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+class _Plan(NamedTuple):
+    bm: int  # rows or keys a program owns
+    bn: int  # rows or keys of the tiles it loops over
+    dg: int  # columns a program owns (D / dg column groups)
+    cols: tuple  # pieces(dg)
+    n_split: int  # programs sharing one loop
+    itemsize: int  # operand bytes
+
+
+def _plan(B: int, c: int, D: int, tp: int, mm) -> _Plan:
+    """The tiles of one kernel call: chunk c, width D, padded length tp, operand dtype mm."""
+    itemsize = jnp.dtype(mm).itemsize
+    bm, dg = tiles(c, D, itemsize)
+    bn = loop_tile(c, bm)
+    return _Plan(bm, bn, dg, pieces(dg), splits(B * (c // bm) * (D // dg), tp // bn), itemsize)
+
+
+def _sum_parts(x, n_split):
+    """(n_split, ...) partial sums of split loops -> (...)."""
+    return x[0] if n_split == 1 else jnp.sum(x, axis=0)
 
 
 def _nt(a, b, acc):
@@ -175,12 +196,9 @@ def cross_call(q_c, k, s, seg_c, seg_k, start, *, interpret=False):
     tp = k.shape[1]
     acc_t = _acc_dtype(s.dtype)
     mm = s.dtype
-    bm, dg = tiles(c, D, jnp.dtype(mm).itemsize)
-    bn = loop_tile(c, bm)
-    cols = pieces(dg)
+    bm, bn, dg, cols, n_split, itemsize = _plan(B, c, D, tp, mm)
     scale = 1.0 / math.sqrt(D)
     has_seg = seg_c is not None
-    n_split = splits(B * (c // bm) * (D // dg), tp // bn)
 
     def kernel(sc_ref, q_ref, k_ref, s_ref, *rest):
         if has_seg:
@@ -235,7 +253,7 @@ def cross_call(q_c, k, s, seg_c, seg_k, start, *, interpret=False):
                    jax.ShapeDtypeStruct((n_split, B, c), acc_t),
                    jax.ShapeDtypeStruct((n_split, B, c, D), acc_t)),
         grid=(B, c // bm, (D // dg) * n_split), args=args, interpret=interpret,
-        itemsize=jnp.dtype(mm).itemsize, name="sessa_feedback_cross_gpu")
+        itemsize=itemsize, name="sessa_feedback_cross_gpu")
     if n_split == 1:
         m, l, acc = m[0], l[0], acc[0]
     else:  # merge the parts' online-softmax states
@@ -264,12 +282,9 @@ def rhs_call(k_c, q, lse, g, df, seg_c, seg_q, scalars, *, interpret=False):
     tp = q.shape[1]
     acc_t = _acc_dtype(df.dtype)
     mm = df.dtype
-    bm, dg = tiles(c, D, jnp.dtype(mm).itemsize)
-    bn = loop_tile(c, bm)
-    cols = pieces(dg)
+    bm, bn, dg, cols, n_split, itemsize = _plan(B, c, D, tp, mm)
     scale = 1.0 / math.sqrt(D)
     has_seg = seg_c is not None
-    n_split = splits(B * (c // bm) * (D // dg), tp // bn)
 
     def kernel(sc_ref, k_ref, q_ref, lse_ref, g_ref, df_ref, *rest):
         if has_seg:
@@ -306,8 +321,8 @@ def rhs_call(k_c, q, lse, g, df, seg_c, seg_q, scalars, *, interpret=False):
         args += [_flat_seg(seg_c, c), _flat_seg(seg_q, tp)]
     out = _call(kernel, out_shape=jax.ShapeDtypeStruct((n_split, B, c, D), acc_t),
                 grid=(B, c // bm, (D // dg) * n_split), args=args, interpret=interpret,
-                itemsize=jnp.dtype(mm).itemsize, name="sessa_feedback_rhs_gpu")
-    return out[0] if n_split == 1 else jnp.sum(out, axis=0)
+                itemsize=itemsize, name="sessa_feedback_rhs_gpu")
+    return _sum_parts(out, n_split)
 
 
 def grad_call(k_c, s_c, q, lse, g, df, e, dq, seg_c, seg_q, scalars, *, interpret=False):
@@ -318,12 +333,9 @@ def grad_call(k_c, s_c, q, lse, g, df, e, dq, seg_c, seg_q, scalars, *, interpre
     tp = q.shape[1]
     acc_t = dq.dtype
     mm = df.dtype
-    bm, dg = tiles(c, D, jnp.dtype(mm).itemsize)
-    bn = loop_tile(c, bm)
-    cols = pieces(dg)
+    bm, bn, dg, cols, n_split, itemsize = _plan(B, c, D, tp, mm)  # n_split: dk's loops only
     scale = 1.0 / math.sqrt(D)
     has_seg = seg_c is not None
-    n_split = splits(B * (c // bm) * (D // dg), tp // bn)  # for dk; dq has tp / bm programs
     vec = lambda x: x.reshape(B, tp)
     seg_args = [_flat_seg(seg_c, c), _flat_seg(seg_q, tp)] if has_seg else []
 
@@ -370,8 +382,8 @@ def grad_call(k_c, s_c, q, lse, g, df, e, dq, seg_c, seg_q, scalars, *, interpre
     args = [scalars, k_c, s_c, q, df, vec(lse), vec(g), vec(e)] + seg_args
     dk = _call(dk_kernel, out_shape=jax.ShapeDtypeStruct((n_split, B, c, D), acc_t),
                grid=(B, c // bm, (D // dg) * n_split), args=args, interpret=interpret,
-               itemsize=jnp.dtype(mm).itemsize, name="sessa_feedback_dk_gpu")
-    dk = dk[0] if n_split == 1 else jnp.sum(dk, axis=0)
+               itemsize=itemsize, name="sessa_feedback_dk_gpu")
+    dk = _sum_parts(dk, n_split)
 
     # dq: one program per row tile (from the chunk on), looping over the chunk's key tiles.
     def dq_kernel(sc_ref, k_ref, s_ref, q_ref, df_ref, lse_ref, g_ref, e_ref, *rest):
@@ -405,6 +417,6 @@ def grad_call(k_c, s_c, q, lse, g, df, e, dq, seg_c, seg_q, scalars, *, interpre
     args = [scalars, k_c, s_c, q, df, vec(lse), vec(g), vec(e)] + seg_args + [dq]
     dq = _call(dq_kernel, out_shape=jax.ShapeDtypeStruct(dq.shape, acc_t),
                grid=(B, tp // bm, D // dg), args=args, interpret=interpret,
-               itemsize=jnp.dtype(mm).itemsize, aliases={len(args) - 1: 0},
+               itemsize=itemsize, aliases={len(args) - 1: 0},
                name="sessa_feedback_dq_gpu")
     return dk, dq
