@@ -363,7 +363,8 @@ def feedback_pallas(q_b, k_b, gamma, f, *, chunk_size: int = 256, inverse: Inver
     lowering platform; "gpu" runs the GPU (Triton) design in interpret mode on CPU."""
     if kernels not in (None, "tpu", "gpu"):
         raise ValueError(f"feedback_pallas kernels={kernels!r}: expected None, 'tpu' or 'gpu'")
-    if jax.default_backend() in ("gpu", "cuda", "rocm") and f.shape[-1] % 16:
+    gpu_backend = jax.default_backend() in ("gpu", "cuda", "rocm")
+    if gpu_backend and f.shape[-1] % 16:
         raise ValueError(
             f"feedback_impl='pallas' on a GPU needs the feedback width D (d_model) to be a "
             f"multiple of 16, got {f.shape[-1]}: use feedback_impl='chunked'")
@@ -371,8 +372,7 @@ def feedback_pallas(q_b, k_b, gamma, f, *, chunk_size: int = 256, inverse: Inver
         raise ValueError(f"feedback inverse={inverse!r}: expected 'solve', 'doubling' or 'blocked'")
     B, T, D = f.shape
     c = max(1, min(int(chunk_size), T))
-    on_gpu = kernels == "gpu" or jax.default_backend() in ("gpu", "cuda", "rocm")
-    if on_gpu:  # the GPU kernels' smallest tile
+    if kernels == "gpu" or gpu_backend:  # the GPU kernels' smallest tile
         c = -(-c // 16) * 16
     bt, tp = _layout(T, c, int(block))
     if tp != T:  # zero padding at the end is exact (see feedback_chunked)
